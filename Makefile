@@ -1,0 +1,32 @@
+# Two commands do everything on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run test clean
+
+setup: $(STAMP)
+
+# Reinstall only when the dependency list changes. torch and torchvision are asked for as a
+# matching pair first so the resolver never mixes a CPU torch with a CUDA torchvision.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
+	$(BIN)/pip install --quiet -e ".[all,dev]"
+	touch $(STAMP)
+
+run: setup
+	mkdir -p runs
+	$(BIN)/vidsieve annotate eval/samples/*.mp4 \
+		--question "What colour is the circle?" \
+		--question "Which direction does the square move?" \
+		--out runs/annotations.jsonl --overwrite
+	@echo "records written to runs/annotations.jsonl"
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

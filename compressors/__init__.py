@@ -1,0 +1,41 @@
+"""Visual-token compressors behind one protocol and one registry.
+
+`VisualTokens` is the currency every stage trades; `parse_spec("random:ratio=0.1")` turns a
+spec string into a compressor and its `Budget`; `compress(tokens, ctx)` does the work.
+Importing this package registers the baselines (none, avgpool, uniform, random).
+"""
+
+from compressors import baselines  # noqa: F401  (registers the baselines)
+from compressors.budget import Budget, BudgetError
+from compressors.context import CompressionContext, ContextError
+from compressors.protocol import Compressor
+from compressors.registry import (
+    BUDGET_PARAMS,
+    CompressorInfo,
+    CompressorSpec,
+    ParamInfo,
+    SpecError,
+    list_compressors,
+    parse_spec,
+    register_compressor,
+    unregister_compressor,
+)
+from compressors.tokens import VisualTokens
+
+__all__ = [
+    "BUDGET_PARAMS",
+    "Budget",
+    "BudgetError",
+    "CompressionContext",
+    "Compressor",
+    "CompressorInfo",
+    "CompressorSpec",
+    "ContextError",
+    "ParamInfo",
+    "SpecError",
+    "VisualTokens",
+    "list_compressors",
+    "parse_spec",
+    "register_compressor",
+    "unregister_compressor",
+]

@@ -1,0 +1,93 @@
+"""The VLM folder format, loading errors, and the pipeline's token accounting."""
+
+import numpy as np
+import pytest
+import torch
+
+from kernels.errors import VidsieveError
+from vlm.device import resolve_device, resolve_dtype
+from vlm.model import VLM, UnknownModelError, VLMConfig
+
+
+@pytest.fixture(scope="module")
+def model() -> VLM:
+    return VLM.from_config(VLMConfig.from_name("vidsieve-tiny"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def clip():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (4, 50, 70, 3), dtype=np.uint8), [0.0, 0.5, 1.0, 1.5]
+
+
+def test_save_and_load_round_trip_gives_identical_answers(model, clip, tmp_path):
+    model.save_pretrained(tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json"}
+    loaded = VLM.from_pretrained(tmp_path, device="cpu")
+    for spec in ("none", "random:ratio=0.5"):
+        assert loaded.answer(*clip, "what colour is the circle?", spec).token_ids == \
+            model.answer(*clip, "what colour is the circle?", spec).token_ids
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], tensor, rtol=0, atol=0)
+
+
+def test_random_init_is_deterministic_under_seed_and_flagged_untrained(clip):
+    a = VLM.from_config(VLMConfig.from_name("vidsieve-tiny"), seed=3)
+    b = VLM.from_config(VLMConfig.from_name("vidsieve-tiny"), seed=3)
+    assert a.answer(*clip, "how many objects?").token_ids == b.answer(*clip, "how many objects?").token_ids
+    assert "untrained" in a.display_name
+
+
+def test_pipeline_counts_visual_tokens_before_and_after_compression(model, clip):
+    full = model.answer(*clip, "what moves?", "none")
+    pooled = model.answer(*clip, "what moves?", "avgpool:factor=2")
+    assert full.visual_before == full.visual_after == 4 * 8 * 8
+    assert pooled.visual_after == 4 * 4 * 4
+    assert set(full.timings_s) == {"encode", "compress", "prefill", "generate"}
+
+
+def test_pruned_tokens_keep_their_original_positions_and_text_continues_after_the_full_span(model, clip):
+    from compressors import parse_spec
+
+    tokens = model.encode_frames(*clip)
+    prompt = model.prepare(tokens, "what moves?", parse_spec("uniform:every=2"))
+    visual_positions = prompt.positions[prompt.is_visual]
+    prefix = int((~prompt.is_visual).nonzero()[0, 0]) + 1  # "<user>" precedes the video
+    kept_frames = prompt.frame_index[prompt.is_visual].unique().tolist()
+    assert kept_frames == [0, 2]
+    assert visual_positions[:64].tolist() == list(range(prefix, prefix + 64))
+    assert visual_positions[64:].tolist() == list(range(prefix + 128, prefix + 192))
+    text_after = prompt.positions[~prompt.is_visual][prefix:]
+    assert int(text_after[0]) == prefix + tokens.span_length
+
+
+@pytest.mark.parametrize("name, message", [
+    ("no-such-preset", "no-such-preset"),
+    ("owner/no-such-model", "owner/no-such-model"),
+])
+def test_unknown_models_raise_a_clear_error(name, message, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UnknownModelError, match=message):
+        VLM.from_pretrained(name)
+
+
+def test_a_folder_of_another_model_type_names_what_is_supported(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(UnknownModelError, match="vidsieve"):
+        VLM.from_pretrained(tmp_path)
+
+
+def test_device_and_dtype_defaults_follow_the_hardware():
+    device = resolve_device(None)
+    assert device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_dtype(None, torch.device("cpu")) == torch.float32
+    assert resolve_dtype(None, torch.device("cuda")) == torch.bfloat16
+    assert resolve_dtype("fp16", torch.device("cpu")) == torch.float16
+    with pytest.raises(VidsieveError, match="dtype"):
+        resolve_dtype("float8", torch.device("cpu"))
+
+
+def test_model_runs_in_another_dtype(clip):
+    model = VLM.from_config(VLMConfig.from_name("vidsieve-tiny")).to(dtype=torch.bfloat16)
+    answer = model.answer(*clip, "what colour is the circle?")
+    assert answer.visual_after == 256 and answer.token_ids

@@ -1,0 +1,211 @@
+"""LMRunner: an explicit loop over a Hugging Face causal LM's decoder layers (gpt-fast style).
+
+We own the loop instead of calling `model(...)` so that the KV cache, positions and attention
+are ours: compressors can drop visual tokens between layers, streaming memory can evict slots,
+and attention goes through `kernels.attention`. The weights stay the HF modules' own, so any
+checkpoint of a supported family loads with `from_pretrained` and gives the same tokens as
+`model.generate` (tested).
+
+Supported decoder layout (Llama, Qwen2, Qwen3, Mistral): pre-norm blocks with
+`input_layernorm -> self_attn(q/k/v/o_proj, optional q_norm/k_norm) -> residual ->
+post_attention_layernorm -> mlp -> residual`, rotary position embeddings from
+`model.model.rotary_emb`, and a final `norm` + `lm_head`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from kernels import attention
+from kernels.errors import VidsieveError
+from vlm.kv import TEXT_FRAME, KVState
+
+SUPPORTED_LM_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class UnsupportedModelError(VidsieveError):
+    """A checkpoint whose architecture vidsieve cannot run."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each next token. temperature 0 means greedy."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise VidsieveError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise VidsieveError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise VidsieveError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class DecodeStats:
+    """Filled in while a decode runs; read it after the iterator is exhausted."""
+
+    new_tokens: int = 0
+    first_token_s: float | None = None  # seconds from decode start to the first token
+    finish_reason: str = ""  # "stop" (EOS/stop id) or "length"
+    started_at: float = field(default_factory=time.perf_counter)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, L, D]; cos, sin: [B, L, D]."""
+    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+
+
+class LMRunner:
+    """Runs a HF causal LM (`*ForCausalLM`) layer by layer over a `KVState`."""
+
+    def __init__(self, causal_lm: torch.nn.Module):
+        model_type = getattr(causal_lm.config, "model_type", "?")
+        if model_type not in SUPPORTED_LM_TYPES:
+            raise UnsupportedModelError(
+                f"language model type {model_type!r} is not supported; "
+                f"supported: {', '.join(SUPPORTED_LM_TYPES)}"
+            )
+        self.lm = causal_lm
+        self.config = causal_lm.config
+        self.decoder = causal_lm.model  # embed_tokens, layers, norm, rotary_emb
+        self.layers = list(self.decoder.layers)
+        attn = self.layers[0].self_attn
+        self.num_heads = self.config.num_attention_heads
+        self.num_kv_heads = self.config.num_key_value_heads
+        self.head_dim = attn.head_dim
+        self.scale = attn.scaling
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm.lm_head.weight.dtype
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """token_ids [L] -> embeddings [L, D]."""
+        return self.decoder.embed_tokens(token_ids.to(self.device))
+
+    def new_state(self, capacity: int = 256) -> KVState:
+        return KVState(
+            num_layers=len(self.layers),
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+            capacity=capacity,
+        )
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        state: KVState,
+        *,
+        is_visual: torch.Tensor | None = None,
+        frame_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Append L tokens to `state` and return the logits of the last one.
+
+        embeds: [L, D] input embeddings; positions: [L] absolute position ids.
+        is_visual / frame_index: [L] slot metadata (default: text).
+        Returns logits [V] (float32) for the token after the last input.
+        """
+        length = embeds.shape[0]
+        positions = positions.to(self.device).long()
+        if is_visual is None:
+            is_visual = torch.zeros(length, dtype=torch.bool)
+        if frame_index is None:
+            frame_index = torch.full((length,), TEXT_FRAME, dtype=torch.long)
+        slots = state.reserve(positions[:, None], is_visual, frame_index)
+        state.next_position = int(positions.max()) + 1
+
+        hidden = embeds.to(self.dtype).unsqueeze(0)  # [1, L, D]
+        cos, sin = self.decoder.rotary_emb(hidden, positions.unsqueeze(0))  # [1, L, Dh] each
+        for layer_index, layer in enumerate(self.layers):
+            hidden = hidden + self._attention_block(layer, layer_index, hidden, cos, sin, state, slots)
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        last = self.decoder.norm(hidden[:, -1:])
+        return self.lm.lm_head(last)[0, -1].float()
+
+    def _attention_block(self, layer, layer_index, hidden, cos, sin, state, slots) -> torch.Tensor:
+        attn = layer.self_attn
+        x = layer.input_layernorm(hidden)
+        batch, length, _ = x.shape
+        q = attn.q_proj(x).view(batch, length, -1, self.head_dim)
+        k = attn.k_proj(x).view(batch, length, -1, self.head_dim)
+        v = attn.v_proj(x).view(batch, length, -1, self.head_dim)
+        if hasattr(attn, "q_norm"):  # Qwen3 normalises each head before rotary
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q = apply_rotary(q.transpose(1, 2), cos, sin)  # [1, H_q, L, Dh]
+        k = apply_rotary(k.transpose(1, 2), cos, sin)  # [1, H_kv, L, Dh]
+        state.write(layer_index, slots, k[0], v.transpose(1, 2)[0])
+        out = attention(q, state.keys(layer_index), state.values(layer_index), scale=self.scale)
+        return attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+    def prefill(self, embeds: torch.Tensor, positions: torch.Tensor | None = None, **slot_meta) -> tuple[KVState, torch.Tensor]:
+        """Fresh state from input embeddings [L, D] (positions default to 0..L-1). Returns (state, logits [V])."""
+        if positions is None:
+            positions = torch.arange(embeds.shape[0])
+        state = self.new_state(capacity=max(256, 2 * embeds.shape[0]))
+        logits = self.forward(embeds, positions, state, **slot_meta)
+        return state, logits
+
+    def decode(
+        self,
+        state: KVState,
+        logits: torch.Tensor,
+        sampling: SamplingParams,
+        stats: DecodeStats | None = None,
+    ) -> Iterator[int]:
+        """Yield new token ids, starting from the logits of the last prefilled token.
+
+        Stops after a stop token (which is yielded) or `max_new_tokens`.
+        """
+        stats = stats if stats is not None else DecodeStats()
+        generator = torch.Generator(device="cpu").manual_seed(sampling.seed)
+        stop_ids = set(sampling.stop_token_ids)
+        for step in range(sampling.max_new_tokens):
+            token = pick_next_token(logits, sampling, generator)
+            stats.new_tokens += 1
+            if stats.first_token_s is None:
+                stats.first_token_s = time.perf_counter() - stats.started_at
+            yield token
+            if token in stop_ids:
+                stats.finish_reason = "stop"
+                return
+            if step + 1 < sampling.max_new_tokens:
+                embed = self.embed(torch.tensor([token]))
+                logits = self.forward(embed, torch.tensor([state.next_position]), state)
+        stats.finish_reason = "length"
+
+
+def pick_next_token(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator) -> int:
+    """Greedy when temperature is 0, else temperature + nucleus (top-p) sampling. logits: [V]."""
+    if sampling.temperature == 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float().cpu() / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= sampling.top_p
+        sorted_probs[outside] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))

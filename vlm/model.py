@@ -1,0 +1,272 @@
+"""VLM: vision encoder -> projector -> compressor -> LM runner, saved and loaded as one folder.
+
+The folder format is the same for every vidsieve-native model, trained or not:
+`config.json` (a `VLMConfig`), `model.safetensors` (all weights) and the tokenizer files.
+`VLM.from_pretrained` takes such a folder, a preset name such as `vidsieve-tiny`, or a hub id.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from compressors import CompressionContext, CompressorSpec, VisualTokens, parse_spec
+from kernels.errors import VidsieveError
+from vlm.device import resolve_device, resolve_dtype
+from vlm.encoder import OpenClipEncoder
+from vlm.lm_runner import DecodeStats, LMRunner, SamplingParams
+from vlm.projector import Projector
+from vlm.tokenizer import build_word_tokenizer
+
+EMBEDDED_WEIGHTS = Path(__file__).parent / "weights"
+NATIVE_MODEL_TYPE = "vidsieve"
+
+
+class UnknownModelError(VidsieveError):
+    """A model name, folder or hub id that vidsieve cannot load."""
+
+
+# Words the untrained default tokenizer knows; a trained model ships its own tokenizer.json.
+TINY_WORDS = (
+    "what which where when how many is are the a an of in on at to from and or does do did "
+    "colour color shape size object objects move moves moving direction first last appear appears "
+    "appeared disappear left right up down top bottom middle centre center corner still "
+    "red green blue yellow purple orange white cyan circle square triangle cross diamond star "
+    "small big large tiny dot frame time start end zero one two three four five six seven eight "
+    "nine ten yes no ? , ."
+).split()
+
+
+@dataclass
+class VLMConfig:
+    """Everything needed to rebuild the architecture; weights live beside it."""
+
+    name: str
+    vision: dict  # open_clip CLIPVisionCfg fields (image_size, patch_size, width, layers, ...)
+    lm: dict  # a HF decoder config (`model_type` plus its fields)
+    chat_template: str = "<user> {video} {question} <assistant>"
+    model_type: str = NATIVE_MODEL_TYPE
+    trained: bool = False
+    notes: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_name(cls, name: str) -> "VLMConfig":
+        if name not in PRESETS:
+            raise UnknownModelError(f"unknown preset {name!r}; presets: {', '.join(sorted(PRESETS))}")
+        return cls(**json.loads(json.dumps(PRESETS[name])))  # deep copy
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+
+PRESETS = {
+    "vidsieve-tiny": {
+        "name": "vidsieve-tiny",
+        "vision": {"image_size": 64, "patch_size": 8, "width": 96, "layers": 3, "head_width": 32,
+                   "mlp_ratio": 2.0},
+        "lm": {"model_type": "qwen2", "vocab_size": 256, "hidden_size": 128, "intermediate_size": 384,
+               "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+               "max_position_embeddings": 4096, "rope_theta": 10000.0, "tie_word_embeddings": True},
+    },
+}
+
+
+@dataclass
+class PreparedPrompt:
+    """Inputs to the LM for one (video, question): embeddings with their positions and slot metadata."""
+
+    embeds: torch.Tensor  # [L, D]
+    positions: torch.Tensor  # [L] absolute position ids (survivors keep their original ones)
+    is_visual: torch.Tensor  # [L] bool
+    frame_index: torch.Tensor  # [L] int64, -1 for text
+    visual_before: int
+    visual_after: int
+
+
+@dataclass
+class Answer:
+    text: str
+    token_ids: list[int]
+    visual_before: int
+    visual_after: int
+    timings_s: dict[str, float]
+    finish_reason: str
+
+
+class VLM(nn.Module):
+    """A vidsieve-native video-language model (vidsieve-tiny and friends)."""
+
+    def __init__(self, config: VLMConfig, tokenizer: PreTrainedTokenizerFast):
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.encoder = OpenClipEncoder(config.vision)
+        lm_config = AutoConfig.for_model(**config.lm)
+        lm_config._attn_implementation = "sdpa"
+        self.lm = AutoModelForCausalLM.from_config(lm_config)
+        self.projector = Projector(self.encoder.width, lm_config.hidden_size)
+        self.runner = LMRunner(self.lm)
+
+    # --- loading and saving -----------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: VLMConfig, *, seed: int = 0) -> "VLM":
+        """A randomly initialised model (deterministic under `seed`)."""
+        torch.manual_seed(seed)
+        tokenizer = build_word_tokenizer(TINY_WORDS)
+        if len(tokenizer) > config.lm["vocab_size"]:
+            raise ValueError(f"tokenizer has {len(tokenizer)} tokens, LM vocab is {config.lm['vocab_size']}")
+        return cls(config, tokenizer).eval()
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, *, device: str | None = None, dtype: str | None = None) -> "VLM":
+        folder = resolve_model_folder(name_or_path)
+        target = resolve_device(device)
+        if folder is None:  # a preset with no embedded weights: random init, flagged untrained
+            model = cls.from_config(VLMConfig.from_name(str(name_or_path)))
+        else:
+            config = read_config(folder)
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
+            model = cls(config, tokenizer)
+            state = load_file(folder / "model.safetensors")
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to embeddings
+            if missing or unexpected:
+                raise UnknownModelError(f"weights in {folder} do not match its config: "
+                                        f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+            model.lm.tie_weights()
+            model.eval()
+        return model.to(device=target, dtype=resolve_dtype(dtype, target))
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(self.config.to_json())
+        state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()
+                 if not (name == "lm.lm_head.weight" and self.lm.config.tie_word_embeddings)}
+        save_file(state, folder / "model.safetensors")
+        self.tokenizer.save_pretrained(folder)
+
+    @property
+    def display_name(self) -> str:
+        return self.config.name if self.config.trained else f"{self.config.name} (random init, untrained)"
+
+    # --- the pipeline -----------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.runner.device
+
+    def embed_text(self, text: str) -> torch.Tensor:
+        """A question embedding for instruction-conditioned compressors: mean LM input embedding [D]."""
+        ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+        if ids.numel() == 0:
+            return torch.zeros(self.lm.config.hidden_size, device=self.device, dtype=self.runner.dtype)
+        return self.runner.embed(ids).mean(0)
+
+    @torch.inference_mode()
+    def encode_frames(self, frames: np.ndarray, timestamps_s) -> VisualTokens:
+        """uint8 frames [T, H, W, 3] -> projected visual tokens (T * H_grid * W_grid of them)."""
+        features = self.encoder.encode(frames).tokens  # [T, Hg, Wg, D_vision]
+        embeds = self.projector(features)  # [T, Hg, Wg, D_lm]
+        return VisualTokens.from_grid(embeds, torch.as_tensor(timestamps_s, dtype=torch.float64))
+
+    def prepare(self, tokens: VisualTokens, question: str, spec: CompressorSpec, *, seed: int = 0) -> PreparedPrompt:
+        """Compress visual tokens for `question` and lay out the prompt around them."""
+        ctx = CompressionContext(question=question, budget=spec.budget, seed=seed, model=self)
+        kept = spec.compressor.compress(tokens, ctx)
+        prefix_text, suffix_text = self.config.chat_template.split("{video}")
+        prefix_ids = self._ids(prefix_text)
+        suffix_ids = self._ids(suffix_text.replace("{question}", question))
+        prefix_len, after_video = len(prefix_ids), len(prefix_ids) + tokens.span_length
+        embeds = torch.cat([self.runner.embed(prefix_ids), kept.embeds.to(self.runner.dtype),
+                            self.runner.embed(suffix_ids)])
+        positions = torch.cat([torch.arange(prefix_len), prefix_len + kept.positions[:, 0].cpu(),
+                               after_video + torch.arange(len(suffix_ids))])
+        is_visual = torch.cat([torch.zeros(prefix_len, dtype=torch.bool), torch.ones(len(kept), dtype=torch.bool),
+                               torch.zeros(len(suffix_ids), dtype=torch.bool)])
+        frame_index = torch.cat([torch.full((prefix_len,), -1), kept.frame_index.cpu(),
+                                 torch.full((len(suffix_ids),), -1)])
+        return PreparedPrompt(embeds, positions, is_visual, frame_index, len(tokens), len(kept))
+
+    def stream(self, frames: np.ndarray, timestamps_s, question: str, spec: CompressorSpec | str = "none",
+               sampling: SamplingParams | None = None, timings_s: dict | None = None) -> Iterator[int]:
+        """Yield answer token ids as they are produced; `timings_s` gets encode/compress/prefill/generate."""
+        spec = parse_spec(spec) if isinstance(spec, str) else spec
+        sampling = sampling or SamplingParams(stop_token_ids=(self.tokenizer.eos_token_id,))
+        timings = timings_s if timings_s is not None else {}
+        start = time.perf_counter()
+        tokens = self.encode_frames(frames, timestamps_s)
+        timings["encode"] = time.perf_counter() - start
+        start = time.perf_counter()
+        prompt = self.prepare(tokens, question, spec, seed=sampling.seed)
+        timings["compress"] = time.perf_counter() - start
+        timings["visual_before"], timings["visual_after"] = prompt.visual_before, prompt.visual_after
+        start = time.perf_counter()
+        state, logits = self.runner.prefill(prompt.embeds, prompt.positions,
+                                            is_visual=prompt.is_visual, frame_index=prompt.frame_index)
+        timings["prefill"] = time.perf_counter() - start
+        start = time.perf_counter()
+        yield from self.runner.decode(state, logits, sampling)
+        timings["generate"] = time.perf_counter() - start
+
+    def answer(self, frames: np.ndarray, timestamps_s, question: str, spec: CompressorSpec | str = "none",
+               sampling: SamplingParams | None = None) -> Answer:
+        """Run the whole pipeline and return the decoded answer with counts and timings."""
+        timings: dict = {}
+        sampling = sampling or SamplingParams(stop_token_ids=(self.tokenizer.eos_token_id,))
+        ids = list(self.stream(frames, timestamps_s, question, spec, sampling, timings))
+        finish = "stop" if ids and ids[-1] in sampling.stop_token_ids else "length"
+        before, after = timings.pop("visual_before"), timings.pop("visual_after")
+        text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        return Answer(text, ids, before, after, timings, finish)
+
+    def _ids(self, text: str) -> torch.Tensor:
+        return self.tokenizer(text.strip(), add_special_tokens=False, return_tensors="pt").input_ids[0]
+
+
+def resolve_model_folder(name_or_path: str | Path) -> Path | None:
+    """A folder holding config.json, or None for a preset without embedded weights."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UnknownModelError(f"model folder {path} has no config.json")
+        return path
+    name = str(name_or_path)
+    embedded = EMBEDDED_WEIGHTS / name
+    if (embedded / "model.safetensors").is_file():
+        return embedded
+    if name in PRESETS:
+        return None
+    if path.suffix or name.startswith((".", "/")) or name.count("/") != 1:
+        raise UnknownModelError(f"unknown model {name!r}: not a folder, not a preset "
+                                f"({', '.join(sorted(PRESETS))}) and not a hub id (owner/name)")
+    return download_from_hub(name)
+
+
+def download_from_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id))
+    except Exception as error:  # offline, missing repo, auth: all mean "cannot load"
+        raise UnknownModelError(f"cannot load model {repo_id!r} from the Hugging Face hub: "
+                                f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
+
+
+def read_config(folder: Path) -> VLMConfig:
+    raw = json.loads((folder / "config.json").read_text())
+    model_type = raw.get("model_type")
+    if model_type != NATIVE_MODEL_TYPE:
+        raise UnknownModelError(f"model in {folder} has model_type {model_type!r}; "
+                                f"supported: {NATIVE_MODEL_TYPE!r} (vidsieve-native models)")
+    return VLMConfig(**raw)
