@@ -7,6 +7,7 @@ finished with some error records.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_sampling_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fps", type=float, default=None, help="sample this many frames per second")
-    parser.add_argument("--num-frames", type=int, default=None, help="frames uniform over the clip (default 8 without --fps)")
+    parser.add_argument("--num-frames", type=int, default=None, help="frames uniform over the clip (default: what the model was trained on)")
     parser.add_argument("--max-frames", type=int, default=None, help="cap on frames per video")
     parser.add_argument("--start", dest="start_s", type=float, default=None, help="seconds")
     parser.add_argument("--end", dest="end_s", type=float, default=None, help="seconds")
@@ -67,11 +68,12 @@ def run_annotate(args: argparse.Namespace) -> int:
     from streaming import SamplingPlan
     from vlm.model import VLM
 
-    spec = parse_spec(args.compressor)  # fail fast on a bad spec, before loading anything
-    num_frames = args.num_frames if args.num_frames or args.fps else 8
-    plan = SamplingPlan(fps=args.fps, num_frames=num_frames, max_frames=args.max_frames,
+    spec = parse_spec(args.compressor)  # fail fast on bad input, before loading anything
+    plan = SamplingPlan(fps=args.fps, num_frames=args.num_frames, max_frames=args.max_frames,
                         start_s=args.start_s, end_s=args.end_s)
     model = VLM.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    if plan.fps is None and plan.num_frames is None:  # the clip length the model was trained on
+        plan = dataclasses.replace(plan, num_frames=model.config.num_frames)
     if not model.config.trained:
         print(f"vidsieve: warning: {model.display_name}: answers are not meaningful", file=sys.stderr)
     job = AnnotateJob(videos=args.videos, questions=args.question, out=args.out, spec=spec, plan=plan,

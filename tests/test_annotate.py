@@ -50,7 +50,7 @@ def test_annotate_writes_one_record_per_video_and_question_and_exits_3_on_a_corr
     assert {Path(r["video"]).name for r in ok} == {"a.mp4", "b.webm"}
     for record in ok:
         assert record["frames"] == 4
-        assert record["visual_tokens"] == {"before": 4 * 64, "after": 4 * 16}  # 8x8 grid pooled 2x2
+        assert record["visual_tokens"] == {"before": 4 * 16, "after": 4 * 4}  # 4x4 token grid pooled 2x2
         assert set(record["timings"]) >= {"decode", "encode", "prefill", "generate"}
         assert isinstance(record["answer"], str) and record["error"] is None
         assert record["compressor"] == "avgpool:factor=2"

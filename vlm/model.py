@@ -53,6 +53,8 @@ class VLMConfig:
     name: str
     vision: dict  # open_clip CLIPVisionCfg fields (image_size, patch_size, width, layers, ...)
     lm: dict  # a HF decoder config (`model_type` plus its fields)
+    spatial_merge: int = 2  # merge x merge patches become one LM token
+    num_frames: int = 16  # frames per clip the model was trained on (the default sampling plan)
     chat_template: str = "<user> {video} {question} <assistant>"
     model_type: str = NATIVE_MODEL_TYPE
     trained: bool = False
@@ -71,9 +73,9 @@ class VLMConfig:
 PRESETS = {
     "vidsieve-tiny": {
         "name": "vidsieve-tiny",
-        "vision": {"image_size": 64, "patch_size": 8, "width": 96, "layers": 3, "head_width": 32,
+        "vision": {"image_size": 128, "patch_size": 16, "width": 96, "layers": 3, "head_width": 32,
                    "mlp_ratio": 2.0},
-        "lm": {"model_type": "qwen2", "vocab_size": 256, "hidden_size": 128, "intermediate_size": 384,
+        "lm": {"model_type": "qwen2", "vocab_size": 128, "hidden_size": 128, "intermediate_size": 384,
                "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
                "max_position_embeddings": 4096, "rope_theta": 10000.0, "tie_word_embeddings": True},
     },
@@ -113,7 +115,7 @@ class VLM(nn.Module):
         lm_config = AutoConfig.for_model(**config.lm)
         lm_config._attn_implementation = "sdpa"
         self.lm = AutoModelForCausalLM.from_config(lm_config)
-        self.projector = Projector(self.encoder.width, lm_config.hidden_size)
+        self.projector = Projector(self.encoder.width, lm_config.hidden_size, merge=config.spatial_merge)
         self.runner = LMRunner(self.lm)
 
     # --- loading and saving -----------------------------------------------------------------
@@ -175,9 +177,9 @@ class VLM(nn.Module):
 
     @torch.inference_mode()
     def encode_frames(self, frames: np.ndarray, timestamps_s) -> VisualTokens:
-        """uint8 frames [T, H, W, 3] -> projected visual tokens (T * H_grid * W_grid of them)."""
+        """uint8 frames [T, H, W, 3] -> projected visual tokens, T * (H_grid/m) * (W_grid/m) of them."""
         features = self.encoder.encode(frames).tokens  # [T, Hg, Wg, D_vision]
-        embeds = self.projector(features)  # [T, Hg, Wg, D_lm]
+        embeds = self.projector(features)  # [T, Hg/m, Wg/m, D_lm]
         return VisualTokens.from_grid(embeds, torch.as_tensor(timestamps_s, dtype=torch.float64))
 
     def prepare(self, tokens: VisualTokens, question: str, spec: CompressorSpec, *, seed: int = 0) -> PreparedPrompt:

@@ -1,0 +1,401 @@
+"""ShapesWorld: determinism, answers true of the scene state, split hygiene, mp4 round trip.
+
+Answers are re-derived here from the question text and the scene state (positions, presence,
+the rendered label map), not from the generator's own bookkeeping, so a wrong question
+template, an ambiguous name or a wrong answer all fail.
+"""
+
+import json
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from eval.shapesworld import (
+    COLOURS,
+    COLOURS_RGB,
+    COMPOSITIONAL_PAIRS,
+    NUMBER_WORDS,
+    QUESTION_TYPES,
+    SHAPE_PLURALS,
+    SHAPES,
+    SIZES,
+    SPLITS,
+    Scene,
+    ShapesWorldConfig,
+    clip_seed,
+    iter_samples,
+    main,
+    make_questions,
+    make_scene,
+    render,
+    render_with_labels,
+    scene_and_questions,
+    write_split,
+)
+
+SAMPLES_DIR = Path(__file__).resolve().parent.parent / "eval" / "samples"
+
+
+def nearest_colour(rgb: np.ndarray) -> str:
+    return min(COLOURS, key=lambda name: float(np.abs(np.array(COLOURS_RGB[name]) - rgb.astype(float)).sum()))
+
+
+# ---------------------------------------------------------------- an independent reader of questions
+
+
+def direction_from_positions(scene: Scene, object_id: int) -> str:
+    """Compare the centre in the first and last frames where the object is mostly uncovered."""
+    seen = np.flatnonzero(scene.present[object_id] & (scene.visible_fraction[object_id] >= 0.5))
+    dx, dy = scene.centres_px[object_id, seen[-1]] - scene.centres_px[object_id, seen[0]]
+    if max(abs(dx), abs(dy)) < 0.05 * scene.config.frame_size_px:
+        return "still"
+    if abs(dx) > abs(dy):
+        return "right" if dx > 0 else "left"
+    return "down" if dy > 0 else "up"
+
+
+def resolve(scene: Scene, name: str) -> list[int]:
+    """Ids of the objects a name such as "big red object" or "circle moving left" fits."""
+    words = name.split()
+    wanted: dict[str, str] = {}
+    if "moving" in words:
+        wanted["direction"] = words[words.index("moving") + 1]
+        words = words[: words.index("moving")]
+    for word in words:
+        if word in SIZES:
+            wanted["size"] = word
+        elif word in COLOURS:
+            wanted["colour"] = word
+        elif word in SHAPES:
+            wanted["shape"] = word
+        else:
+            assert word == "object", f"unexpected word {word!r} in name {name!r}"
+
+    def fits(obj) -> bool:
+        for key, value in wanted.items():
+            actual = direction_from_positions(scene, obj.object_id) if key == "direction" else getattr(obj, key)
+            if actual != value:
+                return False
+        return True
+
+    return [o.object_id for o in scene.objects if fits(o)]
+
+
+def the_one(scene: Scene, name: str) -> int:
+    ids = resolve(scene, name)
+    assert len(ids) == 1, f"{name!r} fits objects {ids}"
+    return ids[0]
+
+
+def frames_shown(object_ids: np.ndarray, object_id: int) -> np.ndarray:
+    """[T] bool: frames where at least one pixel of the object is on screen."""
+    return (object_ids == object_id).any(axis=(1, 2))
+
+
+def derive_answer(scene: Scene, text: str) -> str:
+    frames, object_ids = render_with_labels(scene)
+    last_index = scene.config.frame_count - 1
+    if match := re.fullmatch(r"What colour is the dot on the (.+)\?", text):
+        object_id = the_one(scene, match[1])
+        obj = scene.objects[object_id]
+        dot_colours = []
+        for t in np.flatnonzero(frames_shown(object_ids, object_id)):
+            x_px, y_px = scene.centres_px[object_id, t]
+            row, col = int(y_px), int(x_px)
+            if object_ids[t, row, col] != object_id:
+                continue
+            pixel = frames[t, row, col]
+            if tuple(pixel) == COLOURS_RGB[obj.colour]:
+                continue
+            # A fine detail: no more than a 3x3 patch of the object differs from its colour.
+            differing = (object_ids[t] == object_id) & (frames[t] != COLOURS_RGB[obj.colour]).any(axis=-1)
+            assert differing.sum() <= 9
+            dot_colours.append(nearest_colour(pixel))
+        assert len(dot_colours) >= 2 and len(set(dot_colours)) == 1
+        return dot_colours[0]
+    if match := re.fullmatch(r"What colour is the (.+)\?", text):
+        return scene.objects[the_one(scene, match[1])].colour
+    if match := re.fullmatch(r"What shape is the (.+)\?", text):
+        return scene.objects[the_one(scene, match[1])].shape
+    if match := re.fullmatch(r"Which direction does the (.+) move\?", text):
+        return direction_from_positions(scene, the_one(scene, match[1]))
+    if match := re.fullmatch(r"How many (.+?) (appear in the video|are there at the (?:start|end))\?", text):
+        noun, when = match[1], match[2]
+        plural_to_shape = {plural: shape for shape, plural in SHAPE_PLURALS.items()}
+        if noun in plural_to_shape:
+            fits = [o.object_id for o in scene.objects if o.shape == plural_to_shape[noun]]
+        else:
+            fits = resolve(scene, noun.removesuffix("s"))
+        if when == "appear in the video":
+            shown = [i for i in fits if frames_shown(object_ids, i).any()]
+        else:
+            frame = 0 if when.endswith("start") else last_index
+            shown = [i for i in fits if (object_ids[frame] == i).any()]
+        return NUMBER_WORDS[len(shown)]
+    if match := re.fullmatch(r"Which (appears first|appears last|disappears first): (.+)\?", text):
+        event, listing = match[1], match[2]
+        names = [part.removeprefix("the ") for part in re.split(r", | or ", listing)]
+        ids = [the_one(scene, name) for name in names]
+        shown = [np.flatnonzero(frames_shown(object_ids, i)) for i in ids]
+        event_frames = {
+            "appears first": [s[0] for s in shown],
+            "appears last": [-s[0] for s in shown],
+            "disappears first": [s[-1] for s in shown],
+        }[event]
+        winner = int(np.argmin(event_frames))
+        assert sorted(event_frames)[0] < sorted(event_frames)[1], "the order must be strict"
+        return names[winner].removesuffix(" object")
+    if match := re.fullmatch(r"Where is the (.+) (at the start|at the end|when it appears|when it disappears)\?", text):
+        object_id = the_one(scene, match[1])
+        shown = np.flatnonzero(frames_shown(object_ids, object_id))
+        frame = {
+            "at the start": 0,
+            "at the end": last_index,
+            "when it appears": shown[0],
+            "when it disappears": shown[-1],
+        }[match[2]]
+        assert (object_ids[frame] == object_id).sum() > 0
+        x_px, y_px = scene.centres_px[object_id, frame]
+        half_px = scene.config.frame_size_px / 2
+        return f"{'top' if y_px < half_px else 'bottom'}-{'left' if x_px < half_px else 'right'}"
+    raise AssertionError(f"no reader for question {text!r}")
+
+
+def clips(split: str, count: int, start: int = 0):
+    return [scene_and_questions(split, index) for index in range(start, start + count)]
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_same_seed_gives_the_same_scene_frames_and_questions():
+    scene_a, questions_a = scene_and_questions("test", 7)
+    scene_b, questions_b = scene_and_questions("test", 7)
+    assert scene_a.objects == scene_b.objects
+    np.testing.assert_array_equal(scene_a.centres_px, scene_b.centres_px)
+    np.testing.assert_array_equal(render(scene_a), render(scene_b))
+    assert questions_a == questions_b
+    rng_a, rng_b = np.random.default_rng(123), np.random.default_rng(123)
+    assert make_questions(make_scene(rng_a), rng_a) == make_questions(make_scene(rng_b), rng_b)
+
+
+def test_different_seeds_give_different_clips():
+    frames = [render(scene_and_questions("test", index)[0]) for index in range(5)]
+    for i in range(5):
+        for j in range(i + 1, 5):
+            assert not np.array_equal(frames[i], frames[j])
+
+
+def test_every_answer_is_true_of_the_scene_state():
+    checked = 0
+    for split in ("test", "compositional"):
+        for scene, questions in clips(split, 40):
+            for question in questions:
+                assert derive_answer(scene, question.text) == question.answer, (split, question)
+                checked += 1
+    assert checked > 400
+
+
+def test_answers_are_one_word_among_unique_candidates():
+    for _, questions in clips("val", 50):
+        for question in questions:
+            assert question.answer in question.candidates
+            assert len(set(question.candidates)) == len(question.candidates) >= 2
+            assert " " not in question.answer
+            assert question.type in QUESTION_TYPES
+
+
+def test_answer_position_among_candidates_is_shuffled():
+    positions = [q.candidates.index(q.answer) for _, qs in clips("train", 40) for q in qs if len(q.candidates) == 4]
+    counts = np.bincount(positions, minlength=4)
+    assert counts.min() > 0.15 * len(positions), counts
+
+
+def test_every_question_type_is_produced_over_50_scenes():
+    for split in ("train", "compositional"):
+        produced = {q.type for _, questions in clips(split, 50) for q in questions}
+        assert produced == set(QUESTION_TYPES), split
+
+
+def test_instruction_questions_single_out_one_of_several_similar_objects():
+    asked_property = {"What colour is": "colour", "What shape is": "shape", "Which direction does": "direction"}
+    pattern = r"(What colour is|What shape is|Which direction does) the (.+?)(?: move)?\?"
+    seen = 0
+    for scene, questions in clips("test", 60):
+        for question in (q for q in questions if q.type == "instruction"):
+            match = re.fullmatch(pattern, question.text)
+            asked, name = asked_property[match[1]], match[2]
+            words = name.split()
+            head = [w for w in words if w in SHAPES] or [w for w in words if w in COLOURS]
+            group = resolve(scene, head[0])
+            assert len(group) >= 2 and len(words) >= 2, question
+            # Reading only the head word would leave the answer open: it differs within the group.
+            answers_in_group = {
+                direction_from_positions(scene, i) if asked == "direction" else getattr(scene.objects[i], asked)
+                for i in group
+            }
+            assert len(answers_in_group) >= 2, question
+            seen += 1
+    assert seen >= 20
+
+
+def test_splits_use_disjoint_seeds():
+    seeds = {split: {clip_seed(split, index) for index in range(2000)} for split in SPLITS}
+    for i, a in enumerate(SPLITS):
+        for b in SPLITS[i + 1 :]:
+            assert not seeds[a] & seeds[b]
+    assert clip_seed("train", 999_999_999) < clip_seed("val", 0)
+    with pytest.raises(ValueError):
+        clip_seed("train", 10**9)
+
+
+def test_held_out_colour_shape_pairs_never_appear_outside_the_compositional_split():
+    held_out = set(COMPOSITIONAL_PAIRS)
+    for split in ("train", "val", "test"):
+        for scene, _ in clips(split, 100):
+            assert not {(o.colour, o.shape) for o in scene.objects} & held_out, split
+
+
+def test_every_compositional_question_is_about_a_held_out_pair():
+    held_out = set(COMPOSITIONAL_PAIRS)
+    for scene, questions in clips("compositional", 50):
+        assert questions
+        for question in questions:
+            about = {(scene.objects[i].colour, scene.objects[i].shape) for i in question.object_ids}
+            assert about & held_out, question
+
+
+def test_label_map_marks_each_pixel_with_the_topmost_object():
+    scene, _ = scene_and_questions("train", 3)
+    frames, object_ids = render_with_labels(scene)
+    assert object_ids.shape == frames.shape[:3] and object_ids.dtype == np.int16
+    background = frames[object_ids == -1]  # [P, 3]
+    np.testing.assert_array_equal(background, np.broadcast_to(scene.background_rgb, background.shape))
+    for obj in scene.objects:
+        pixels = frames[object_ids == obj.object_id]
+        colours = {tuple(p) for p in pixels}
+        allowed = {COLOURS_RGB[obj.colour]} | ({COLOURS_RGB[obj.dot_colour]} if obj.dot_colour else set())
+        assert colours <= allowed
+        shown = frames_shown(object_ids, obj.object_id)
+        assert not shown[~scene.present[obj.object_id]].any()
+
+
+def test_big_objects_cover_small_ones_in_occluded_scenes():
+    occluded = 0
+    for scene, _ in clips("train", 60):
+        _, object_ids = render_with_labels(scene)
+        for obj in scene.objects:
+            hidden = scene.present[obj.object_id] & (scene.visible_fraction[obj.object_id] < 0.5)
+            if obj.size == "small" and hidden.any():
+                frame = int(np.flatnonzero(hidden)[0])
+                assert (object_ids[frame] == obj.object_id).sum() < 0.5 * np.pi * obj.radius_px**2
+                occluded += 1
+    assert occluded >= 5
+
+
+def test_fine_detail_dot_is_lost_when_16px_cells_are_averaged():
+    """16 px cells are what 2x2 pooling of 8 px patch tokens leaves: at full resolution the dot
+    changes its pixels by far more than it changes its averaged cell."""
+    checked = 0
+    for scene, questions in clips("test", 30):
+        for question in (q for q in questions if q.type == "fine_detail"):
+            obj = scene.objects[question.object_ids[0]]
+            without_dot = replace(scene, objects=tuple(replace(o, dot_colour=None) for o in scene.objects))
+            with_dot_rgb, without_dot_rgb = render(scene).astype(float), render(without_dot).astype(float)
+            t, h, w, _ = with_dot_rgb.shape
+            pooled_change = np.abs(
+                with_dot_rgb.reshape(t, h // 16, 16, w // 16, 16, 3).mean(axis=(2, 4))
+                - without_dot_rgb.reshape(t, h // 16, 16, w // 16, 16, 3).mean(axis=(2, 4))
+            )  # [T, H/16, W/16, 3]
+            frame = int(np.flatnonzero(scene.dot_visible[obj.object_id])[0])
+            x_px, y_px = scene.centres_px[obj.object_id, frame]
+            row, col = int(y_px), int(x_px)
+            full_change = np.abs(with_dot_rgb[frame, row, col] - without_dot_rgb[frame, row, col])
+            assert full_change.max() >= 60
+            assert pooled_change.max() <= 9 / 256 * 255 + 1e-6
+            checked += 1
+    assert checked >= 20
+
+
+def test_written_mp4_decodes_to_every_frame_and_keeps_the_fine_detail_dot(tmp_path):
+    manifest_path = write_split("test", 3, tmp_path, questions_per_clip=5)
+    records = json.loads(manifest_path.read_text())
+    assert all(1 <= len([r for r in records if r["index"] == i]) <= 5 for i in range(3))
+    for record in records:
+        assert {"video", "question", "candidates", "answer", "type", "id"} <= record.keys()
+        assert record["answer"] in record["candidates"]
+    dots_checked = 0
+    for index in range(3):
+        scene, _ = scene_and_questions("test", index)
+        with av.open(str(tmp_path / f"test_{index:06d}.mp4")) as container:
+            stream = container.streams.video[0]
+            assert float(stream.average_rate) == scene.config.fps
+            decoded = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(stream)])  # [T, H, W, 3]
+        assert decoded.shape == render(scene).shape
+        assert np.abs(decoded.astype(int) - render(scene)).max() <= 3
+        for obj in (o for o in scene.objects if o.dot_colour):
+            for t in np.flatnonzero(scene.dot_visible[obj.object_id]):
+                x_px, y_px = scene.centres_px[obj.object_id, t]
+                assert nearest_colour(decoded[t, int(y_px), int(x_px)]) == obj.dot_colour
+                dots_checked += 1
+    assert dots_checked > 0
+
+
+def test_iter_samples_matches_the_written_clips_without_touching_disk():
+    samples = list(iter_samples("val", 5, 2))
+    assert len(samples) == 2
+    for (frames, questions), index in zip(samples, (5, 6)):
+        scene, expected_questions = scene_and_questions("val", index)
+        np.testing.assert_array_equal(frames, render(scene))
+        assert questions == expected_questions
+        assert frames.shape == (16, 128, 128, 3) and frames.dtype == np.uint8
+
+
+def test_small_preset_renders_8_frames_of_64_px_and_stays_answerable():
+    config = ShapesWorldConfig.from_name("tiny")
+    for index in range(10):
+        scene, questions = scene_and_questions("train", index, config)
+        assert render(scene).shape == (8, 64, 64, 3)
+        for question in questions:
+            assert derive_answer(scene, question.text) == question.answer
+
+
+def test_config_refuses_sizes_outside_the_supported_range():
+    with pytest.raises(ValueError):
+        ShapesWorldConfig(frame_count=4)
+    with pytest.raises(ValueError):
+        ShapesWorldConfig(frame_size_px=256)
+    with pytest.raises(ValueError):
+        ShapesWorldConfig.from_name("huge")
+
+
+def test_command_line_writes_a_split(tmp_path, capsys):
+    main(["--split", "val", "--count", "2", "--out", str(tmp_path), "--questions-per-clip", "3"])
+    records = json.loads((tmp_path / "manifest.json").read_text())
+    assert len(records) == 6 and {r["video"] for r in records} == {"val_000000.mp4", "val_000001.mp4"}
+    assert "wrote 2 clips" in capsys.readouterr().out
+
+
+def test_bundled_samples_match_the_generator_and_answer_the_make_run_questions():
+    records = json.loads((SAMPLES_DIR / "manifest.json").read_text())
+    videos = sorted({r["video"] for r in records})
+    assert len(videos) == 3
+    total_bytes = sum((SAMPLES_DIR / name).stat().st_size for name in [*videos, "manifest.json"])
+    assert total_bytes < 300_000
+    for record in records:
+        scene, questions = scene_and_questions("samples", record["index"])
+        question = next(q for q in questions if q.text == record["question"])
+        assert question.answer == record["answer"] == derive_answer(scene, record["question"])
+    for video in videos:
+        asked = {r["question"] for r in records if r["video"] == video}
+        assert {"What colour is the circle?", "Which direction does the square move?"} <= asked
+        index = next(r["index"] for r in records if r["video"] == video)
+        with av.open(str(SAMPLES_DIR / video)) as container:
+            decoded = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])  # [T, H, W, 3]
+        expected = render(scene_and_questions("samples", index)[0])
+        assert decoded.shape == expected.shape
+        assert np.abs(decoded.astype(int) - expected).max() <= 3
