@@ -203,12 +203,18 @@ class VLM(nn.Module):
     def stream(self, frames: np.ndarray, timestamps_s, question: str, spec: CompressorSpec | str = "none",
                sampling: SamplingParams | None = None, timings_s: dict | None = None) -> Iterator[int]:
         """Yield answer token ids as they are produced; `timings_s` gets encode/compress/prefill/generate."""
-        spec = parse_spec(spec) if isinstance(spec, str) else spec
-        sampling = sampling or SamplingParams(stop_token_ids=(self.tokenizer.eos_token_id,))
         timings = timings_s if timings_s is not None else {}
         start = time.perf_counter()
         tokens = self.encode_frames(frames, timestamps_s)
         timings["encode"] = time.perf_counter() - start
+        yield from self.stream_tokens(tokens, question, spec, sampling, timings)
+
+    def stream_tokens(self, tokens: VisualTokens, question: str, spec: CompressorSpec | str = "none",
+                      sampling: SamplingParams | None = None, timings_s: dict | None = None) -> Iterator[int]:
+        """Like `stream`, from visual tokens already encoded (one encode, many questions)."""
+        spec = parse_spec(spec) if isinstance(spec, str) else spec
+        sampling = sampling or self.default_sampling()
+        timings = timings_s if timings_s is not None else {}
         start = time.perf_counter()
         prompt = self.prepare(tokens, question, spec, seed=sampling.seed)
         timings["compress"] = time.perf_counter() - start
@@ -224,13 +230,26 @@ class VLM(nn.Module):
     def answer(self, frames: np.ndarray, timestamps_s, question: str, spec: CompressorSpec | str = "none",
                sampling: SamplingParams | None = None) -> Answer:
         """Run the whole pipeline and return the decoded answer with counts and timings."""
-        timings: dict = {}
-        sampling = sampling or SamplingParams(stop_token_ids=(self.tokenizer.eos_token_id,))
-        ids = list(self.stream(frames, timestamps_s, question, spec, sampling, timings))
+        timings: dict = {"encode": 0.0}
+        start = time.perf_counter()
+        tokens = self.encode_frames(frames, timestamps_s)
+        timings["encode"] = time.perf_counter() - start
+        return self.answer_tokens(tokens, question, spec, sampling, timings)
+
+    def answer_tokens(self, tokens: VisualTokens, question: str, spec: CompressorSpec | str = "none",
+                      sampling: SamplingParams | None = None, timings_s: dict | None = None) -> Answer:
+        """`answer` from visual tokens already encoded."""
+        timings = timings_s if timings_s is not None else {}
+        sampling = sampling or self.default_sampling()
+        ids = list(self.stream_tokens(tokens, question, spec, sampling, timings))
         finish = "stop" if ids and ids[-1] in sampling.stop_token_ids else "length"
         before, after = timings.pop("visual_before"), timings.pop("visual_after")
         text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
         return Answer(text, ids, before, after, timings, finish)
+
+    def default_sampling(self, max_new_tokens: int = 32) -> SamplingParams:
+        """Greedy, stopping at the tokenizer's EOS."""
+        return SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=(self.tokenizer.eos_token_id,))
 
     def _ids(self, text: str) -> torch.Tensor:
         return self.tokenizer(text.strip(), add_special_tokens=False, return_tensors="pt").input_ids[0]
