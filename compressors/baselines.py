@@ -24,6 +24,7 @@ class NoCompression:
 
     stage = "pre_llm"
     trainable = False
+    uses_question = False
 
     def compress(self, tokens: VisualTokens, ctx: CompressionContext) -> VisualTokens:
         return tokens
@@ -42,6 +43,7 @@ class AvgPool:
 
     stage = "pre_llm"
     trainable = False
+    uses_question = False
     factor: int = field(default=2, metadata={"help": "side of the square pooling window, >= 1"})
 
     def __post_init__(self) -> None:
@@ -78,6 +80,7 @@ class UniformFrames:
 
     stage = "pre_llm"
     trainable = False
+    uses_question = False
     every: int = field(
         default=0, metadata={"help": "keep every k-th frame; 0 = derive from the budget"}
     )
@@ -112,6 +115,7 @@ class RandomTokens:
 
     stage = "pre_llm"
     trainable = False
+    uses_question = False
 
     def compress(self, tokens: VisualTokens, ctx: CompressionContext) -> VisualTokens:
         keep = ctx.budget.resolve(len(tokens), tokens.num_frames)

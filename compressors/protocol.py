@@ -24,6 +24,7 @@ class Compressor(Protocol):
     name: str  # the registered name, set by register_compressor
     stage: Stage
     trainable: bool  # True when the method has learned weights
+    uses_question: bool  # True when compress() reads ctx.question: its output cannot be shared across questions
 
     def compress(self, tokens: VisualTokens, ctx: CompressionContext) -> VisualTokens:
         """Fewer (or as many) tokens, keeping the metadata of the ones that survive.

@@ -8,10 +8,11 @@ A compressor registers by name with a class decorator (as timm's `register_model
         '''Spatial average pooling of each frame's grid.'''
         stage = "pre_llm"
         trainable = False
+        uses_question = False
         factor: int = field(default=2, metadata={"help": "pooling window side"})
 
 Its dataclass fields are its parameters (int, float, bool or str, each with a default and a
-`help`); `stage` and `trainable` are plain class attributes (unannotated or `ClassVar`), so
+`help`); `stage`, `trainable` and `uses_question` are plain class attributes (unannotated or `ClassVar`), so
 they are not parameters. Parameter ranges are checked in `__post_init__`, raising `SpecError`.
 
 A spec string picks one: `name` or `name:key=value,key=value` (whitespace tolerant, names
@@ -84,7 +85,7 @@ _PARAM_TYPES = (int, float, bool, str)
 _TYPES_BY_NAME: dict[str, type] = {t.__name__: t for t in _PARAM_TYPES}
 _BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True,
                "false": False, "no": False, "off": False, "0": False}
-_NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]*")
+_NAME_PATTERN = re.compile(r"[a-z][a-z0-9_-]*")
 _STAGES = ("pre_llm", "in_llm")
 
 _COMPRESSORS: dict[str, type] = {}  # canonical name -> class
@@ -103,7 +104,7 @@ def register_compressor(name: str, *, aliases: tuple[str, ...] = ()) -> Callable
         for key in keys:
             if not isinstance(key, str) or not _NAME_PATTERN.fullmatch(key):
                 raise ValueError(
-                    f"Compressor name {key!r} must be lowercase letters, digits and '_', "
+                    f"Compressor name {key!r} must be lowercase letters, digits, '_' and '-', "
                     "starting with a letter."
                 )
             if key in _COMPRESSORS or key in _ALIASES or keys.count(key) > 1:
@@ -114,6 +115,8 @@ def register_compressor(name: str, *, aliases: tuple[str, ...] = ()) -> Callable
             raise TypeError(f"{cls.__name__}.stage must be one of {_STAGES}.")
         if not isinstance(getattr(cls, "trainable", None), bool):
             raise TypeError(f"{cls.__name__}.trainable must be a bool.")
+        if not isinstance(getattr(cls, "uses_question", None), bool):
+            raise TypeError(f"{cls.__name__}.uses_question must be a bool.")
         if cls.stage == "pre_llm" and not callable(getattr(cls, "compress", None)):
             raise TypeError(f"{cls.__name__} is a pre_llm compressor without compress().")
         for param in _params_of(cls):

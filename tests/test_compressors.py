@@ -114,6 +114,7 @@ def fake_compressor():
 
         stage = "pre_llm"
         trainable = False
+        uses_question = False
         count: int = field(default=1, metadata={"help": "how many tokens to keep"})
         scale: float = field(default=1.0, metadata={"help": "embedding multiplier"})
         verbose: bool = field(default=False, metadata={"help": "say more"})
@@ -157,6 +158,7 @@ def test_registering_a_taken_name_or_alias_is_refused(fake_compressor):
 
         stage = "pre_llm"
         trainable = False
+        uses_question = False
 
         def compress(self, tokens, ctx):
             return tokens
@@ -174,11 +176,13 @@ def test_registering_non_dataclass_or_untyped_parameter_is_refused():
     class NotADataclass:
         stage = "pre_llm"
         trainable = False
+        uses_question = False
 
     @dataclass
     class ListParam:
         stage = "pre_llm"
         trainable = False
+        uses_question = False
         sizes: list = field(default_factory=list)
 
         def compress(self, tokens, ctx):

@@ -76,3 +76,100 @@ class OpenClipEncoder(nn.Module):
         chunks = [self(self.preprocess(frames[start:start + self.chunk_frames]))
                   for start in range(0, len(frames), self.chunk_frames)]
         return EncodedFrames(tokens=torch.cat(chunks), grid=self.grid)
+
+
+@dataclass
+class PatchReuseStats:
+    """What the patch-reuse encoder skipped: a patch is recomputed in every layer or in none."""
+
+    frames: int = 0
+    full_frames: int = 0  # first frame, refreshes, and frames where everything changed
+    patches: int = 0  # patch slots seen (frames x patches per frame)
+    patches_recomputed: int = 0
+
+    @property
+    def skipped_fraction(self) -> float:
+        return 1 - self.patches_recomputed / self.patches if self.patches else 0.0
+
+
+class PatchReuseEncoder:
+    """ENAT-style reuse for a frame sequence: re-encode only the patches that changed.
+
+    Frame by frame, a patch whose pixels moved by more than `threshold` (mean absolute
+    difference, pixel values in [0, 1]) from the previous frame is recomputed through every
+    layer, its queries attending over all tokens; every other patch keeps last frame's
+    per-layer states. The class token is always recomputed. Unchanged tokens ignore what their
+    changed neighbours now say, so error accumulates: every `refresh_every` frames the whole
+    frame is recomputed. State carries across `encode` calls, so a stream can feed frames as
+    they arrive; `reset()` starts afresh.
+    """
+
+    def __init__(self, encoder: OpenClipEncoder, *, threshold: float = 0.02, refresh_every: int = 8):
+        from open_clip.transformer import ResidualAttentionBlock
+
+        blocks = list(encoder.visual.transformer.resblocks)
+        if not all(type(block) is ResidualAttentionBlock for block in blocks):
+            raise TypeError("patch reuse supports open_clip's standard ResidualAttentionBlock only")
+        self.encoder = encoder
+        self.blocks = blocks
+        self.threshold = threshold
+        self.refresh_every = refresh_every
+        self.stats = PatchReuseStats()
+        self.reset()
+
+    def reset(self) -> None:
+        self._previous_pixels: torch.Tensor | None = None  # [1, 3, S, S] in [0, 1]
+        self._layer_inputs: list[torch.Tensor] = []  # per layer [1, 1 + N, width], plus the output
+        self._since_refresh = 0
+
+    @torch.inference_mode()
+    def encode(self, frames: np.ndarray | torch.Tensor) -> EncodedFrames:
+        tokens = [self._encode_one(frames[index:index + 1]) for index in range(len(frames))]
+        return EncodedFrames(tokens=torch.cat(tokens), grid=self.encoder.grid)
+
+    def _encode_one(self, frame: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """One frame uint8 [1, H, W, 3] -> patch tokens [1, H_grid, W_grid, width]."""
+        visual = self.encoder.visual
+        pixels = self.encoder.preprocess(frame)  # [1, 3, S, S] normalised
+        raw = pixels * self.encoder.std + self.encoder.mean  # back to [0, 1] for the change test
+        changed = self._changed_patches(raw)  # [N] bool, or None for a full frame
+        embedded = visual._embeds(pixels)  # [1, 1 + N, width]
+        num_patches = embedded.shape[1] - 1
+        self.stats.frames += 1
+        self.stats.patches += num_patches
+        if changed is None:
+            states = [embedded]
+            for block in self.blocks:
+                states.append(block(states[-1]))
+            self._layer_inputs = states
+            self._since_refresh = 0
+            self.stats.full_frames += 1
+            self.stats.patches_recomputed += num_patches
+        else:
+            rows = torch.cat([torch.zeros(1, dtype=torch.long, device=changed.device), changed.nonzero()[:, 0] + 1])
+            self.stats.patches_recomputed += len(rows) - 1
+            current = self._layer_inputs[0].clone()
+            current[:, rows] = embedded[:, rows]
+            states = [current]
+            for layer, block in enumerate(self.blocks):
+                normed = block.ln_1(current)
+                updated = current[:, rows] + block.ls_1(block.attention(q_x=normed[:, rows], k_x=normed, v_x=normed))
+                updated = updated + block.ls_2(block.mlp(block.ln_2(updated)))
+                current = self._layer_inputs[layer + 1].clone()
+                current[:, rows] = updated
+                states.append(current)
+            self._layer_inputs = states
+            self._since_refresh += 1
+        self._previous_pixels = raw
+        _, tokens = visual._pool(self._layer_inputs[-1])  # [1, N, width]
+        return tokens.view(1, *self.encoder.grid, tokens.shape[-1])
+
+    def _changed_patches(self, raw: torch.Tensor) -> torch.Tensor | None:
+        """[N] bool per patch, or None when the whole frame must be recomputed."""
+        if self._previous_pixels is None or self._since_refresh + 1 >= self.refresh_every:
+            return None
+        patch = self.encoder.patch_size
+        difference = (raw - self._previous_pixels).abs().mean(1)  # [1, S, S]
+        per_patch = F.avg_pool2d(difference[:, None], patch).flatten()  # [N]
+        changed = per_patch > self.threshold
+        return None if bool(changed.all()) else changed

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,8 +23,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFa
 from compressors import CompressionContext, CompressorSpec, VisualTokens, parse_spec
 from kernels.errors import VidsieveError
 from vlm.device import resolve_device, resolve_dtype
-from vlm.encoder import OpenClipEncoder
-from vlm.lm_runner import DecodeStats, LMRunner, SamplingParams
+from vlm.encoder import OpenClipEncoder, PatchReuseEncoder
+from vlm.kv import KVState
+from vlm.lm_runner import LMRunner, SamplingParams
 from vlm.projector import Projector
 from vlm.tokenizer import build_word_tokenizer
 
@@ -95,6 +97,17 @@ class PreparedPrompt:
 
 
 @dataclass
+class PrefilledVideo:
+    """The KV of a prompt up to the end of its video, computed once and shared by every question."""
+
+    state: KVState
+    video_slots: int  # slots of the prefix + kept visual tokens; questions are appended after
+    question_position: int  # true position of the question's first token (prefix + full span)
+    visual_before: int
+    visual_after: int
+
+
+@dataclass
 class Answer:
     text: str
     token_ids: list[int]
@@ -117,6 +130,7 @@ class VLM(nn.Module):
         self.lm = AutoModelForCausalLM.from_config(lm_config)
         self.projector = Projector(self.encoder.width, lm_config.hidden_size, merge=config.spatial_merge)
         self.runner = LMRunner(self.lm)
+        self.counters: Counter = Counter()  # full_prefills, video_prefills, question_prefills
 
     # --- loading and saving -----------------------------------------------------------------
 
@@ -176,29 +190,85 @@ class VLM(nn.Module):
         return self.runner.embed(ids).mean(0)
 
     @torch.inference_mode()
-    def encode_frames(self, frames: np.ndarray, timestamps_s) -> VisualTokens:
-        """uint8 frames [T, H, W, 3] -> projected visual tokens, T * (H_grid/m) * (W_grid/m) of them."""
-        features = self.encoder.encode(frames).tokens  # [T, Hg, Wg, D_vision]
+    def encode_frames(self, frames: np.ndarray, timestamps_s, encoder: PatchReuseEncoder | None = None) -> VisualTokens:
+        """uint8 frames [T, H, W, 3] -> projected visual tokens, T * (H_grid/m) * (W_grid/m) of them.
+
+        `encoder`: a `PatchReuseEncoder` over this model's tower to re-encode only changed patches.
+        """
+        features = (encoder or self.encoder).encode(frames).tokens  # [T, Hg, Wg, D_vision]
         embeds = self.projector(features)  # [T, Hg/m, Wg/m, D_lm]
         return VisualTokens.from_grid(embeds, torch.as_tensor(timestamps_s, dtype=torch.float64))
 
     def prepare(self, tokens: VisualTokens, question: str, spec: CompressorSpec, *, seed: int = 0) -> PreparedPrompt:
-        """Compress visual tokens for `question` and lay out the prompt around them."""
+        """Compress visual tokens for `question` and lay out the whole prompt around them."""
         ctx = CompressionContext(question=question, budget=spec.budget, seed=seed, model=self)
         kept = spec.compressor.compress(tokens, ctx)
+        prefix_ids, suffix_ids = self._prompt_ids(question)
+        video = self._layout(prefix_ids, kept, torch.arange(len(prefix_ids)))
+        after_video = len(prefix_ids) + tokens.span_length
+        question_part = self._layout(suffix_ids, None, after_video + torch.arange(len(suffix_ids)))
+        return PreparedPrompt(*(torch.cat(pair) for pair in zip(video, question_part)), len(tokens), len(kept))
+
+    def prefill_video(self, tokens: VisualTokens, spec: CompressorSpec | str = "none", *, seed: int = 0) -> PrefilledVideo:
+        """Prefill the prompt up to the end of the video once; `stream_reused` answers any
+        number of questions from it without prefilling the video again (ENAT-style reuse).
+
+        Only for compressors that do not read the question (`uses_question` False): a
+        question-conditioned selection differs per question, so its KV cannot be shared.
+        """
+        spec = parse_spec(spec) if isinstance(spec, str) else spec
+        if spec.compressor.uses_question:
+            raise VidsieveError(f"compressor {spec.name!r} depends on the question, so a video's KV cannot be "
+                                f"reused across questions; answer each question with its own prefill")
+        if not self.config.chat_template.split("{video}")[1].lstrip().startswith("{question}"):
+            raise VidsieveError("KV reuse needs a chat template where the question follows the video")
+        ctx = CompressionContext(question="", budget=spec.budget, seed=seed, model=self)
+        kept = spec.compressor.compress(tokens, ctx)
+        prefix_ids, _ = self._prompt_ids("")
+        embeds, positions, is_visual, frame_index = self._layout(prefix_ids, kept, torch.arange(len(prefix_ids)))
+        state = self.runner.new_state(capacity=len(embeds) + 64)
+        self.runner.forward(embeds, positions, state, is_visual=is_visual, frame_index=frame_index)
+        self.counters["video_prefills"] += 1
+        return PrefilledVideo(state, state.length, len(prefix_ids) + tokens.span_length, len(tokens), len(kept))
+
+    def stream_reused(self, video: PrefilledVideo, question: str, sampling: SamplingParams | None = None,
+                      timings_s: dict | None = None) -> Iterator[int]:
+        """Answer `question` from a prefilled video: only the question's tokens are prefilled.
+        The video's KV is restored afterwards, so the next question starts from the same state."""
+        sampling = sampling or self.default_sampling()
+        timings = timings_s if timings_s is not None else {}
+        _, suffix_ids = self._prompt_ids(question)
+        start = time.perf_counter()
+        logits = self.runner.forward(self.runner.embed(suffix_ids),
+                                     video.question_position + torch.arange(len(suffix_ids)), video.state)
+        timings["prefill"] = time.perf_counter() - start
+        self.counters["question_prefills"] += 1
+        start = time.perf_counter()
+        try:
+            yield from self.runner.decode(video.state, logits, sampling)
+        finally:
+            video.state.truncate(video.video_slots)
+            video.state.next_position = video.question_position
+            timings["generate"] = time.perf_counter() - start
+
+    def _prompt_ids(self, question: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids of the template before and after the video, the question filled in."""
         prefix_text, suffix_text = self.config.chat_template.split("{video}")
-        prefix_ids = self._ids(prefix_text)
-        suffix_ids = self._ids(suffix_text.replace("{question}", question))
-        prefix_len, after_video = len(prefix_ids), len(prefix_ids) + tokens.span_length
-        embeds = torch.cat([self.runner.embed(prefix_ids), kept.embeds.to(self.runner.dtype),
-                            self.runner.embed(suffix_ids)])
-        positions = torch.cat([torch.arange(prefix_len), prefix_len + kept.positions[:, 0].cpu(),
-                               after_video + torch.arange(len(suffix_ids))])
-        is_visual = torch.cat([torch.zeros(prefix_len, dtype=torch.bool), torch.ones(len(kept), dtype=torch.bool),
-                               torch.zeros(len(suffix_ids), dtype=torch.bool)])
-        frame_index = torch.cat([torch.full((prefix_len,), -1), kept.frame_index.cpu(),
-                                 torch.full((len(suffix_ids),), -1)])
-        return PreparedPrompt(embeds, positions, is_visual, frame_index, len(tokens), len(kept))
+        return self._ids(prefix_text), self._ids(suffix_text.replace("{question}", question))
+
+    def _layout(self, text_ids: torch.Tensor, visual: VisualTokens | None, text_positions: torch.Tensor):
+        """(embeds, positions, is_visual, frame_index) of text ids followed by visual tokens.
+        Visual tokens sit at their ORIGINAL positions, counted from the end of the text."""
+        embeds = [self.runner.embed(text_ids)]
+        positions = [text_positions]
+        is_visual = [torch.zeros(len(text_ids), dtype=torch.bool)]
+        frame_index = [torch.full((len(text_ids),), -1)]
+        if visual is not None:
+            embeds.append(visual.embeds.to(self.runner.dtype))
+            positions.append(len(text_ids) + visual.positions[:, 0].cpu())
+            is_visual.append(torch.ones(len(visual), dtype=torch.bool))
+            frame_index.append(visual.frame_index.cpu())
+        return torch.cat(embeds), torch.cat(positions), torch.cat(is_visual), torch.cat(frame_index)
 
     def stream(self, frames: np.ndarray, timestamps_s, question: str, spec: CompressorSpec | str = "none",
                sampling: SamplingParams | None = None, timings_s: dict | None = None) -> Iterator[int]:
@@ -222,6 +292,7 @@ class VLM(nn.Module):
         start = time.perf_counter()
         state, logits = self.runner.prefill(prompt.embeds, prompt.positions,
                                             is_visual=prompt.is_visual, frame_index=prompt.frame_index)
+        self.counters["full_prefills"] += 1
         timings["prefill"] = time.perf_counter() - start
         start = time.perf_counter()
         yield from self.runner.decode(state, logits, sampling)
