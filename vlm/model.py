@@ -131,6 +131,7 @@ class VLM(nn.Module):
         self.projector = Projector(self.encoder.width, lm_config.hidden_size, merge=config.spatial_merge)
         self.runner = LMRunner(self.lm)
         self.counters: Counter = Counter()  # full_prefills, video_prefills, question_prefills
+        self.folder: Path | None = None  # where the weights were loaded from
 
     # --- loading and saving -----------------------------------------------------------------
 
@@ -160,6 +161,7 @@ class VLM(nn.Module):
                 raise UnknownModelError(f"weights in {folder} do not match its config: "
                                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
             model.lm.tie_weights()
+            model.folder = folder
             model.eval()
         return model.to(device=target, dtype=resolve_dtype(dtype, target))
 
@@ -182,8 +184,25 @@ class VLM(nn.Module):
     def device(self) -> torch.device:
         return self.runner.device
 
+    def compressor_state(self, name: str) -> dict[str, torch.Tensor] | None:
+        """Trained weights of a learned compressor shipped beside this model
+        (`<model folder>/compressors/<name>.safetensors`), or None when there are none."""
+        if self.folder is None or not (self.folder / "compressors" / f"{name}.safetensors").is_file():
+            return None
+        return load_file(self.folder / "compressors" / f"{name}.safetensors", device=str(self.device))
+
+    def question_state(self, text: str) -> torch.Tensor:
+        """The LM's last-layer hidden state [D] at the last token of a text-only pass over
+        `text` (QueCC's query conditioning)."""
+        ids = self._ids(text)
+        if ids.numel() == 0:
+            ids = torch.tensor([self.tokenizer.unk_token_id])
+        output = self.lm.model(input_ids=ids[None].to(self.device))
+        return output.last_hidden_state[0, -1]
+
     def embed_text(self, text: str) -> torch.Tensor:
-        """A question embedding for instruction-conditioned compressors: mean LM input embedding [D]."""
+        """A question embedding for instruction-conditioned compressors: mean LM input embedding [D]
+        (vidsieve-tiny has no text tower)."""
         ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
         if ids.numel() == 0:
             return torch.zeros(self.lm.config.hidden_size, device=self.device, dtype=self.runner.dtype)
