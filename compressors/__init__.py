@@ -5,7 +5,7 @@ spec string into a compressor and its `Budget`; `compress(tokens, ctx)` does the
 Importing this package registers the baselines (none, avgpool, uniform, random).
 """
 
-from compressors import baselines  # noqa: F401  (registers the baselines)
+from compressors import baselines, corematching, fastv  # noqa: F401  (registers the methods)
 from compressors.budget import Budget, BudgetError
 from compressors.context import CompressionContext, ContextError
 from compressors.protocol import Compressor

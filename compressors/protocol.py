@@ -6,13 +6,19 @@ A compressor is a dataclass whose fields are its parameters, registered by name 
 - "pre_llm" methods act on encoder / projector output and implement `compress`, a pure
   function of (tokens, ctx) and the method's own weights: no globals, no I/O, deterministic
   under `ctx.seed`.
-- "in_llm" methods (FastV, CoreMatching, ToDRE stage 2) will instead implement a hook that the
-  LM runner calls at the layers they declare; that hook is defined together with the runner.
+- "in_llm" methods (FastV, CoreMatching) act inside the language model: `hook(ctx, num_layers)`
+  returns a `PruneHook` that the LM runner calls after the layer it names, with what it asked
+  for (that layer's text->token attention, or its FFN activations); the hook answers which
+  tokens go on to the later layers. A pre-LLM method may offer a hook too (ToDRE's stage 2).
+  The types the runner and the hooks trade live here, below both.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal, Protocol
+
+import torch
 
 from compressors.context import CompressionContext
 from compressors.tokens import VisualTokens
@@ -32,4 +38,30 @@ class Compressor(Protocol):
         The budget to meet is `ctx.budget`; methods whose size is set by their own parameters
         (e.g. a pooling factor) say so in their docstring.
         """
+        ...
+
+
+@dataclass
+class LayerObservation:
+    """What a prune hook sees after its layer, about the chunk of tokens being prefilled."""
+
+    layer: int
+    is_visual: torch.Tensor  # [L] bool
+    frame_index: torch.Tensor  # [L] int64, -1 for text
+    # [Q, L]: attention probabilities (mean over heads) of the chunk's text tokens after its
+    # last visual token (the question; the last token when there is none) over the chunk.
+    text_attention: torch.Tensor | None = None
+    ffn_activations: torch.Tensor | None = None  # [L, I] act(gate(x)) * up(x), the FFN's hidden units
+
+
+class PruneHook(Protocol):
+    """Called by the LM runner during prefill. A hook may also define
+    `decode_neurons(layer, activations [L, I]) -> LongTensor | None`: the runner then calls it
+    at every layer and decodes with the FFN restricted to the units it returns (CoreMatching)."""
+
+    layer: int  # observe this layer; tokens not kept skip every later layer
+    wants: Literal["attention", "ffn"]
+
+    def select(self, observation: LayerObservation) -> torch.Tensor:
+        """[L] bool: which of the chunk's tokens go on to the later layers (text always does)."""
         ...

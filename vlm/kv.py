@@ -28,6 +28,8 @@ class KVState:
     capacity: int = 256
     length: int = 0
     next_position: int = 0  # where the next appended token's position starts
+    # Decode-time FFNs restricted to core neurons, by layer (set by CoreMatching's prune hook).
+    ffn_slices: dict = field(default_factory=dict)
     _keys: list[torch.Tensor] = field(default_factory=list, repr=False)  # per layer [H_kv, cap, D]
     _values: list[torch.Tensor] = field(default_factory=list, repr=False)
     _positions: torch.Tensor | None = field(default=None, repr=False)  # [cap, P] int64

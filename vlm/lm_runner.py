@@ -22,6 +22,7 @@ import torch
 
 from kernels import attention
 from kernels.errors import VidsieveError
+from compressors.protocol import LayerObservation, PruneHook
 from vlm.kv import TEXT_FRAME, KVState
 
 SUPPORTED_LM_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -58,6 +59,32 @@ class DecodeStats:
     first_token_s: float | None = None  # seconds from decode start to the first token
     finish_reason: str = ""  # "stop" (EOS/stop id) or "length"
     started_at: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class SlicedFFN:
+    """A gated FFN restricted to a subset of its hidden units: `down[:, S] (act(gate[S] x) * up[S] x)`.
+    Equal to the dense FFN with every other unit's activation set to zero (CoreMatching's decode)."""
+
+    gate: torch.Tensor  # [|S|, D]
+    up: torch.Tensor  # [|S|, D]
+    down: torch.Tensor  # [D, |S|]
+    act: object
+    dense_units: int
+
+    @classmethod
+    def from_mlp(cls, mlp: torch.nn.Module, neurons: torch.Tensor) -> "SlicedFFN":
+        neurons = neurons.to(mlp.gate_proj.weight.device)
+        return cls(mlp.gate_proj.weight[neurons].contiguous(), mlp.up_proj.weight[neurons].contiguous(),
+                   mlp.down_proj.weight[:, neurons].contiguous(), mlp.act_fn, mlp.gate_proj.weight.shape[0])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.act(x @ self.gate.T) * (x @ self.up.T)) @ self.down.T
+
+    @property
+    def flop_fraction(self) -> float:
+        """FFN multiply-adds per token relative to the dense FFN."""
+        return self.gate.shape[0] / self.dense_units
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -121,11 +148,14 @@ class LMRunner:
         *,
         is_visual: torch.Tensor | None = None,
         frame_index: torch.Tensor | None = None,
+        hook: PruneHook | None = None,
     ) -> torch.Tensor:
         """Append L tokens to `state` and return the logits of the last one.
 
         embeds: [L, D] input embeddings; positions: [L] absolute position ids.
         is_visual / frame_index: [L] slot metadata (default: text).
+        hook: an in-LLM pruning hook; after its layer, the tokens it drops leave the sequence
+        (and every layer's cache), so later layers and decoding never see them.
         Returns logits [V] (float32) for the token after the last input.
         """
         length = embeds.shape[0]
@@ -140,12 +170,34 @@ class LMRunner:
         hidden = embeds.to(self.dtype).unsqueeze(0)  # [1, L, D]
         cos, sin = self.decoder.rotary_emb(hidden, positions.unsqueeze(0))  # [1, L, Dh] each
         for layer_index, layer in enumerate(self.layers):
-            hidden = hidden + self._attention_block(layer, layer_index, hidden, cos, sin, state, slots)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            observing = hook is not None and hook.layer == layer_index
+            wants = hook.wants if observing else None
+            attended, text_attention = self._attention_block(layer, layer_index, hidden, cos, sin, state, slots,
+                                                             observe=wants == "attention")
+            hidden = hidden + attended
+            wants_neurons = hook is not None and hasattr(hook, "decode_neurons") and length > 1
+            mlp_out, activations = self._mlp_block(layer, layer_index, hidden, state,
+                                                   observe=wants == "ffn" or wants_neurons)
+            hidden = hidden + mlp_out
+            if wants_neurons:
+                neurons = hook.decode_neurons(layer_index, activations)
+                if neurons is not None:
+                    state.ffn_slices[layer_index] = SlicedFFN.from_mlp(layer.mlp, neurons)
+            if observing:
+                chunk_visual, chunk_frames = state.is_visual[slots], state.frame_index[slots]
+                keep = hook.select(LayerObservation(layer_index, chunk_visual, chunk_frames, text_attention,
+                                                    activations if wants == "ffn" else None))
+                keep = keep.to(self.device) | ~chunk_visual  # text always survives
+                if not bool(keep.all()):
+                    everything = torch.ones(state.length, dtype=torch.bool, device=self.device)
+                    everything[slots] = keep
+                    state.evict(everything)
+                    slots = slice(slots.start, slots.start + int(keep.sum()))
+                    hidden, cos, sin = hidden[:, keep], cos[:, keep], sin[:, keep]
         last = self.decoder.norm(hidden[:, -1:])
         return self.lm.lm_head(last)[0, -1].float()
 
-    def _attention_block(self, layer, layer_index, hidden, cos, sin, state, slots) -> torch.Tensor:
+    def _attention_block(self, layer, layer_index, hidden, cos, sin, state, slots, *, observe=False):
         attn = layer.self_attn
         x = layer.input_layernorm(hidden)
         batch, length, _ = x.shape
@@ -157,15 +209,44 @@ class LMRunner:
         q = apply_rotary(q.transpose(1, 2), cos, sin)  # [1, H_q, L, Dh]
         k = apply_rotary(k.transpose(1, 2), cos, sin)  # [1, H_kv, L, Dh]
         state.write(layer_index, slots, k[0], v.transpose(1, 2)[0])
-        out = attention(q, state.keys(layer_index), state.values(layer_index), scale=self.scale)
-        return attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+        keys, values = state.keys(layer_index), state.values(layer_index)
+        out = attention(q, keys, values, scale=self.scale)
+        text_attention = self._text_attention(q, keys, state, slots) if observe else None
+        return attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1)), text_attention
 
-    def prefill(self, embeds: torch.Tensor, positions: torch.Tensor | None = None, **slot_meta) -> tuple[KVState, torch.Tensor]:
+    def _text_attention(self, q, keys, state, slots) -> torch.Tensor:
+        """Head-averaged attention [Q, L] of the chunk's question tokens over the chunk's slots,
+        computed explicitly for this one layer (every other layer keeps the fused kernel)."""
+        chunk_visual = state.is_visual[slots]
+        visual_at = chunk_visual.nonzero()
+        after = int(visual_at[-1]) + 1 if len(visual_at) else chunk_visual.numel() - 1
+        rows = torch.arange(min(after, chunk_visual.numel() - 1), chunk_visual.numel(), device=q.device)
+        group = q.shape[1] // keys.shape[1]
+        keys = keys.repeat_interleave(group, dim=1)  # [1, H_q, S, Dh]
+        scores = (q[:, :, rows] @ keys.transpose(-1, -2)) * self.scale  # [1, H_q, Q, S]
+        query_slots = slots.start + rows
+        allowed = torch.arange(keys.shape[2], device=q.device)[None, :] <= query_slots[:, None]
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        return scores.softmax(-1).mean(1)[0][:, slots]  # [Q, L]
+
+    def _mlp_block(self, layer, layer_index, hidden, state, *, observe=False):
+        """The FFN, as sliced core neurons during decode when a hook asked for it, with its hidden
+        activations when observed."""
+        x = layer.post_attention_layernorm(hidden)
+        if hidden.shape[1] == 1 and layer_index in state.ffn_slices:
+            return state.ffn_slices[layer_index](x), None
+        if not observe:
+            return layer.mlp(x), None
+        mlp = layer.mlp
+        activations = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)  # [1, L, I]
+        return mlp.down_proj(activations), activations[0]
+
+    def prefill(self, embeds: torch.Tensor, positions: torch.Tensor | None = None, **options) -> tuple[KVState, torch.Tensor]:
         """Fresh state from input embeddings [L, D] (positions default to 0..L-1). Returns (state, logits [V])."""
         if positions is None:
             positions = torch.arange(embeds.shape[0])
         state = self.new_state(capacity=max(256, 2 * embeds.shape[0]))
-        logits = self.forward(embeds, positions, state, **slot_meta)
+        logits = self.forward(embeds, positions, state, **options)
         return state, logits
 
     def decode(

@@ -21,6 +21,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from compressors import CompressionContext, CompressorSpec, VisualTokens, parse_spec
+from compressors.protocol import PruneHook
 from kernels.errors import VidsieveError
 from vlm.device import resolve_device, resolve_dtype
 from vlm.encoder import OpenClipEncoder, PatchReuseEncoder
@@ -93,7 +94,8 @@ class PreparedPrompt:
     is_visual: torch.Tensor  # [L] bool
     frame_index: torch.Tensor  # [L] int64, -1 for text
     visual_before: int
-    visual_after: int
+    visual_after: int  # after pre-LLM compression; an in-LLM hook may drop more during prefill
+    hook: PruneHook | None = None
 
 
 @dataclass
@@ -221,12 +223,13 @@ class VLM(nn.Module):
     def prepare(self, tokens: VisualTokens, question: str, spec: CompressorSpec, *, seed: int = 0) -> PreparedPrompt:
         """Compress visual tokens for `question` and lay out the whole prompt around them."""
         ctx = CompressionContext(question=question, budget=spec.budget, seed=seed, model=self)
-        kept = spec.compressor.compress(tokens, ctx)
+        kept = spec.compressor.compress(tokens, ctx) if spec.compressor.stage == "pre_llm" else tokens
+        hook = spec.compressor.hook(ctx, len(self.runner.layers)) if hasattr(spec.compressor, "hook") else None
         prefix_ids, suffix_ids = self._prompt_ids(question)
         video = self._layout(prefix_ids, kept, torch.arange(len(prefix_ids)))
         after_video = len(prefix_ids) + tokens.span_length
         question_part = self._layout(suffix_ids, None, after_video + torch.arange(len(suffix_ids)))
-        return PreparedPrompt(*(torch.cat(pair) for pair in zip(video, question_part)), len(tokens), len(kept))
+        return PreparedPrompt(*(torch.cat(pair) for pair in zip(video, question_part)), len(tokens), len(kept), hook)
 
     def prefill_video(self, tokens: VisualTokens, spec: CompressorSpec | str = "none", *, seed: int = 0) -> PrefilledVideo:
         """Prefill the prompt up to the end of the video once; `stream_reused` answers any
@@ -236,9 +239,10 @@ class VLM(nn.Module):
         question-conditioned selection differs per question, so its KV cannot be shared.
         """
         spec = parse_spec(spec) if isinstance(spec, str) else spec
-        if spec.compressor.uses_question:
-            raise VidsieveError(f"compressor {spec.name!r} depends on the question, so a video's KV cannot be "
-                                f"reused across questions; answer each question with its own prefill")
+        acts_in_llm = spec.compressor.stage != "pre_llm" or hasattr(spec.compressor, "hook")
+        if spec.compressor.uses_question or acts_in_llm:
+            raise VidsieveError(f"compressor {spec.name!r} depends on the question or acts inside the LM, so a "
+                                f"video's KV cannot be reused across questions; answer each with its own prefill")
         if not self.config.chat_template.split("{video}")[1].lstrip().startswith("{question}"):
             raise VidsieveError("KV reuse needs a chat template where the question follows the video")
         ctx = CompressionContext(question="", budget=spec.budget, seed=seed, model=self)
@@ -307,11 +311,11 @@ class VLM(nn.Module):
         start = time.perf_counter()
         prompt = self.prepare(tokens, question, spec, seed=sampling.seed)
         timings["compress"] = time.perf_counter() - start
-        timings["visual_before"], timings["visual_after"] = prompt.visual_before, prompt.visual_after
         start = time.perf_counter()
-        state, logits = self.runner.prefill(prompt.embeds, prompt.positions,
-                                            is_visual=prompt.is_visual, frame_index=prompt.frame_index)
+        state, logits = self.runner.prefill(prompt.embeds, prompt.positions, is_visual=prompt.is_visual,
+                                            frame_index=prompt.frame_index, hook=prompt.hook)
         self.counters["full_prefills"] += 1
+        timings["visual_before"], timings["visual_after"] = prompt.visual_before, int(state.is_visual.sum())
         timings["prefill"] = time.perf_counter() - start
         start = time.perf_counter()
         yield from self.runner.decode(state, logits, sampling)
