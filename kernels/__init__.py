@@ -1,6 +1,6 @@
 """Attention and selection kernels: a PyTorch reference beside each fast path."""
 
-from kernels.attention import attention, causal_mask
+from kernels.attention import AttentionSpec, AttentionSpecError, attention, causal_mask, use_backend
 from kernels.errors import VidsieveError
 
-__all__ = ["VidsieveError", "attention", "causal_mask"]
+__all__ = ["AttentionSpec", "AttentionSpecError", "VidsieveError", "attention", "causal_mask", "use_backend"]
