@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels import attention
+from kernels import AttentionSpec, attention
+from kernels.bra import frame_regions
 from kernels.errors import VidsieveError
 from compressors.protocol import LayerObservation, PruneHook
 from vlm.kv import TEXT_FRAME, KVState
@@ -100,7 +101,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class LMRunner:
     """Runs a HF causal LM (`*ForCausalLM`) layer by layer over a `KVState`."""
 
-    def __init__(self, causal_lm: torch.nn.Module):
+    def __init__(self, causal_lm: torch.nn.Module, attention_spec: AttentionSpec | None = None):
         model_type = getattr(causal_lm.config, "model_type", "?")
         if model_type not in SUPPORTED_LM_TYPES:
             raise UnsupportedModelError(
@@ -116,6 +117,7 @@ class LMRunner:
         self.num_kv_heads = self.config.num_key_value_heads
         self.head_dim = attn.head_dim
         self.scale = attn.scaling
+        self.attention_spec = attention_spec or AttentionSpec()  # dense unless a spec says otherwise
 
     @property
     def device(self) -> torch.device:
@@ -210,9 +212,18 @@ class LMRunner:
         k = apply_rotary(k.transpose(1, 2), cos, sin)  # [1, H_kv, L, Dh]
         state.write(layer_index, slots, k[0], v.transpose(1, 2)[0])
         keys, values = state.keys(layer_index), state.values(layer_index)
-        out = attention(q, keys, values, scale=self.scale)
+        out = attention(q, keys, values, scale=self.scale, **self._routing(state))
         text_attention = self._text_attention(q, keys, state, slots) if observe else None
         return attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1)), text_attention
+
+    def _routing(self, state: KVState) -> dict:
+        """Per-call arguments of bi-level routing attention: regions by frame when asked, and
+        text slots forced (every query reads the prompt's text)."""
+        spec = self.attention_spec
+        if spec.kind == "dense":
+            return {}
+        regions = frame_regions(state.frame_index) if spec.regions == "frames" else None
+        return {"spec": spec, "region_ids": regions, "forced": ~state.is_visual}
 
     def _text_attention(self, q, keys, state, slots) -> torch.Tensor:
         """Head-averaged attention [Q, L] of the chunk's question tokens over the chunk's slots,

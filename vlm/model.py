@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFa
 
 from compressors import CompressionContext, CompressorSpec, VisualTokens, parse_spec
 from compressors.protocol import PruneHook
+from kernels import AttentionSpec
 from kernels.errors import VidsieveError
 from vlm.device import resolve_device, resolve_dtype
 from vlm.encoder import OpenClipEncoder, PatchReuseEncoder
@@ -77,7 +78,7 @@ PRESETS = {
     "vidsieve-tiny": {
         "name": "vidsieve-tiny",
         "vision": {"image_size": 128, "patch_size": 16, "width": 96, "layers": 3, "head_width": 32,
-                   "mlp_ratio": 2.0},
+                   "mlp_ratio": 2.0, "pixel_stem": 16},
         "lm": {"model_type": "qwen2", "vocab_size": 128, "hidden_size": 128, "intermediate_size": 384,
                "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
                "max_position_embeddings": 4096, "rope_theta": 10000.0, "tie_word_embeddings": True},
@@ -147,7 +148,10 @@ class VLM(nn.Module):
         return cls(config, tokenizer).eval()
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, *, device: str | None = None, dtype: str | None = None) -> "VLM":
+    def from_pretrained(cls, name_or_path: str | Path, *, device: str | None = None, dtype: str | None = None,
+                        attention: str = "dense") -> "VLM":
+        """Load a folder, preset or hub id. `attention` is a spec such as `bra:topk=8,block=64`."""
+        spec = AttentionSpec.parse(attention)
         folder = resolve_model_folder(name_or_path)
         target = resolve_device(device)
         if folder is None:  # a preset with no embedded weights: random init, flagged untrained
@@ -165,6 +169,7 @@ class VLM(nn.Module):
             model.lm.tie_weights()
             model.folder = folder
             model.eval()
+        model.runner.attention_spec = spec
         return model.to(device=target, dtype=resolve_dtype(dtype, target))
 
     def save_pretrained(self, folder: str | Path) -> None:
