@@ -55,7 +55,7 @@ class CoreMatching:
         if self.layer >= num_layers - 1:
             raise SpecError(f"corematching: layer={self.layer} leaves no later layer to prune "
                             f"(the model has {num_layers})")
-        return CoreMatchingHook(self.layer, ctx.budget, self.rho, self.beta, self.sparse_decode)
+        return CoreMatchingHook((self.layer,), ctx.budget, self.rho, self.beta, self.sparse_decode)
 
 
 def core_neurons(activations: torch.Tensor, rho: float) -> torch.Tensor:
@@ -89,13 +89,12 @@ def elbow_count(scores_desc: torch.Tensor) -> int:
 
 @dataclass
 class CoreMatchingHook:
-    layer: int
+    layers: tuple[int, ...]
     budget: Budget
     rho: float
     beta: float
     sparse_decode: bool
     wants: str = "ffn"
-    _text: torch.Tensor | None = None  # [L] bool, text tokens of the prefill chunk
 
     def select(self, observation: LayerObservation) -> torch.Tensor:
         visual = observation.is_visual

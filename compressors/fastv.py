@@ -43,12 +43,12 @@ class FastV:
     def hook(self, ctx: CompressionContext, num_layers: int) -> "FastVHook":
         if self.layer >= num_layers:
             raise SpecError(f"fastv: layer={self.layer} but the model has only {num_layers} layers")
-        return FastVHook(layer=self.layer - 1, budget=ctx.budget)
+        return FastVHook(layers=(self.layer - 1,), budget=ctx.budget)
 
 
 @dataclass
 class FastVHook:
-    layer: int
+    layers: tuple[int, ...]
     budget: Budget
     wants: str = "attention"
 

@@ -7,7 +7,7 @@ A compressor is a dataclass whose fields are its parameters, registered by name 
   function of (tokens, ctx) and the method's own weights: no globals, no I/O, deterministic
   under `ctx.seed`.
 - "in_llm" methods (FastV, CoreMatching) act inside the language model: `hook(ctx, num_layers)`
-  returns a `PruneHook` that the LM runner calls after the layer it names, with what it asked
+  returns a `PruneHook` that the LM runner calls after each layer it names, with what it asked
   for (that layer's text->token attention, or its FFN activations); the hook answers which
   tokens go on to the later layers. A pre-LLM method may offer a hook too (ToDRE's stage 2).
   The types the runner and the hooks trade live here, below both.
@@ -59,7 +59,7 @@ class PruneHook(Protocol):
     `decode_neurons(layer, activations [L, I]) -> LongTensor | None`: the runner then calls it
     at every layer and decodes with the FFN restricted to the units it returns (CoreMatching)."""
 
-    layer: int  # observe this layer; tokens not kept skip every later layer
+    layers: tuple[int, ...]  # observe these layers; tokens not kept skip every later layer
     wants: Literal["attention", "ffn"]
 
     def select(self, observation: LayerObservation) -> torch.Tensor:

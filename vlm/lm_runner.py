@@ -172,7 +172,7 @@ class LMRunner:
         hidden = embeds.to(self.dtype).unsqueeze(0)  # [1, L, D]
         cos, sin = self.decoder.rotary_emb(hidden, positions.unsqueeze(0))  # [1, L, Dh] each
         for layer_index, layer in enumerate(self.layers):
-            observing = hook is not None and hook.layer == layer_index
+            observing = hook is not None and layer_index in hook.layers
             wants = hook.wants if observing else None
             attended, text_attention = self._attention_block(layer, layer_index, hidden, cos, sin, state, slots,
                                                              observe=wants == "attention")
