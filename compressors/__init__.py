@@ -2,10 +2,21 @@
 
 `VisualTokens` is the currency every stage trades; `parse_spec("random:ratio=0.1")` turns a
 spec string into a compressor and its `Budget`; `compress(tokens, ctx)` does the work.
-Importing this package registers the baselines (none, avgpool, uniform, random).
+Importing this package registers every method: the baselines (none, avgpool, uniform,
+random), fastv, corematching, videoscan, the diversity selectors (todre, divprune) and the
+learned hicom and quecc.
 """
 
-from compressors import baselines, corematching, fastv  # noqa: F401  (registers the methods)
+# Importing the method modules registers them.
+from compressors import (  # noqa: F401
+    baselines,
+    corematching,
+    diversity,
+    fastv,
+    hicom,
+    quecc,
+    videoscan,
+)
 from compressors.budget import Budget, BudgetError
 from compressors.context import CompressionContext, ContextError
 from compressors.protocol import Compressor

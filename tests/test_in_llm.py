@@ -95,3 +95,23 @@ def test_core_neurons_sentence_neurons_and_elbow():
     assert sentence_core_neurons(cores, beta=0.2).tolist() == [1]
     assert elbow_count(torch.tensor([10.0, 9.5, 9.0, 2.0, 1.5, 1.0])) == 3
     assert elbow_count(torch.tensor([4.0, 4.0])) == 2
+
+
+def test_todre_stage2_drops_visual_tokens_where_question_attention_to_them_fades(model, tokens):
+    _, expected_state, expected = prefill(model, tokens, "todre:ratio=0.5")
+    prompt, state, logits = prefill(model, tokens, "todre:ratio=0.5,stage2=true,stage2_threshold=1.0")
+    assert prompt.hook.dropped_at == 0  # any mass is below 1.0: dropped after the first layer
+    assert int(state.is_visual.sum()) == 0 and int(expected_state.is_visual.sum()) == len(tokens) // 2
+    _, _, never = prefill(model, tokens, "todre:ratio=0.5,stage2=true,stage2_threshold=0.0")
+    torch.testing.assert_close(never, expected, atol=1e-5, rtol=1e-5)  # mass never below 0: nothing dropped
+    fixed, fixed_state, _ = prefill(model, tokens, "todre:ratio=0.5,stage2=true,stage2_layer=3")
+    assert fixed.hook.dropped_at == 2 and int(fixed_state.is_visual.sum()) == 0
+    assert len(fixed.hook.masses) == 1 and 0 <= fixed.hook.masses[0] <= 1
+
+
+def test_todre_stage2_makes_kv_reuse_refuse(model, tokens):
+    from kernels.errors import VidsieveError
+
+    with pytest.raises(VidsieveError, match="inside the LM"):
+        model.prefill_video(tokens, "todre:ratio=0.5,stage2=true")
+    assert model.prefill_video(tokens, "todre:ratio=0.5").visual_after == len(tokens) // 2

@@ -244,13 +244,13 @@ class VLM(nn.Module):
         question-conditioned selection differs per question, so its KV cannot be shared.
         """
         spec = parse_spec(spec) if isinstance(spec, str) else spec
-        acts_in_llm = spec.compressor.stage != "pre_llm" or hasattr(spec.compressor, "hook")
-        if spec.compressor.uses_question or acts_in_llm:
+        ctx = CompressionContext(question="", budget=spec.budget, seed=seed, model=self)
+        hook = spec.compressor.hook(ctx, len(self.runner.layers)) if hasattr(spec.compressor, "hook") else None
+        if spec.compressor.uses_question or spec.compressor.stage != "pre_llm" or hook is not None:
             raise VidsieveError(f"compressor {spec.name!r} depends on the question or acts inside the LM, so a "
                                 f"video's KV cannot be reused across questions; answer each with its own prefill")
         if not self.config.chat_template.split("{video}")[1].lstrip().startswith("{question}"):
             raise VidsieveError("KV reuse needs a chat template where the question follows the video")
-        ctx = CompressionContext(question="", budget=spec.budget, seed=seed, model=self)
         kept = spec.compressor.compress(tokens, ctx)
         prefix_ids, _ = self._prompt_ids("")
         embeds, positions, is_visual, frame_index = self._layout(prefix_ids, kept, torch.arange(len(prefix_ids)))
@@ -278,6 +278,23 @@ class VLM(nn.Module):
             video.state.truncate(video.video_slots)
             video.state.next_position = video.question_position
             timings["generate"] = time.perf_counter() - start
+
+    def _prefill_with_carriers(self, tokens: VisualTokens, question: str, memory) -> tuple[KVState, torch.Tensor]:
+        """Prefill the prompt one frame at a time under a VideoScan `CarrierMemory`: each frame's
+        tokens and its carrier go in, then only the carriers held by the memory stay."""
+        prefix_ids, suffix_ids = self._prompt_ids(question)
+        state = self.runner.new_state(capacity=len(prefix_ids) + 2 * tokens.grid_thw[1] * tokens.grid_thw[2] + 256)
+        self.runner.forward(self.runner.embed(prefix_ids), torch.arange(len(prefix_ids)), state)
+        position = len(prefix_ids)
+        for frame in tokens.frame_index.unique(sorted=True):
+            chunk = memory.frame_chunk(tokens.select(tokens.frame_index == frame), position)
+            self.runner.forward(chunk.embeds.to(self.runner.dtype), chunk.positions, state,
+                                is_visual=torch.ones(len(chunk.embeds), dtype=torch.bool), frame_index=chunk.frame_index)
+            memory.admit(chunk)
+            state.evict(memory.keep_mask(state.positions, state.is_visual))
+            position = chunk.carrier_position + 1
+        logits = self.runner.forward(self.runner.embed(suffix_ids), position + torch.arange(len(suffix_ids)), state)
+        return state, logits
 
     def _prompt_ids(self, question: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids of the template before and after the video, the question filled in."""
@@ -317,8 +334,11 @@ class VLM(nn.Module):
         prompt = self.prepare(tokens, question, spec, seed=sampling.seed)
         timings["compress"] = time.perf_counter() - start
         start = time.perf_counter()
-        state, logits = self.runner.prefill(prompt.embeds, prompt.positions, is_visual=prompt.is_visual,
-                                            frame_index=prompt.frame_index, hook=prompt.hook)
+        if hasattr(spec.compressor, "new_memory"):  # VideoScan: frame by frame, carriers only
+            state, logits = self._prefill_with_carriers(tokens, question, spec.compressor.new_memory())
+        else:
+            state, logits = self.runner.prefill(prompt.embeds, prompt.positions, is_visual=prompt.is_visual,
+                                                frame_index=prompt.frame_index, hook=prompt.hook)
         self.counters["full_prefills"] += 1
         timings["visual_before"], timings["visual_after"] = prompt.visual_before, int(state.is_visual.sum())
         timings["prefill"] = time.perf_counter() - start
