@@ -31,11 +31,26 @@ class VisionEncoder(Protocol):
     def encode(self, frames: np.ndarray | torch.Tensor) -> EncodedFrames: ...
 
 
+class PixelStem(nn.Sequential):
+    """Per-pixel MLP (1x1 convolutions) in front of the patch embedding.
+
+    A ViT's patch embedding is linear, so a 3x3 px detail inside a 16x16 patch only shifts a
+    few weighted colour sums and is hard to read back. Two per-pixel nonlinear layers first
+    turn each pixel into colour-like features; the patch embedding then counts them, so a
+    small dot of another colour stays visible in its token (the "early convolutions" fix).
+    """
+
+    def __init__(self, channels: int, width: int, patch_size: int):
+        super().__init__(nn.Conv2d(3, channels, 1), nn.GELU(), nn.Conv2d(channels, channels, 1), nn.GELU(),
+                         nn.Conv2d(channels, width, kernel_size=patch_size, stride=patch_size, bias=False))
+
+
 class OpenClipEncoder(nn.Module):
     """An open_clip VisionTransformer returning its patch tokens (after `ln_post`).
 
     Frames are resized to the tower's square input, normalised with CLIP statistics and run
-    in chunks so memory stays bounded for long clips.
+    in chunks so memory stays bounded for long clips. `pixel_stem: C` in the config puts a
+    `PixelStem` of C channels in place of the tower's patch embedding (`conv1`).
     """
 
     def __init__(self, vision_cfg: dict, *, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, chunk_frames: int = 32):
@@ -43,7 +58,10 @@ class OpenClipEncoder(nn.Module):
         from open_clip.model import _build_vision_tower
 
         cfg = dict(vision_cfg, output_tokens=True)
+        stem_channels = cfg.pop("pixel_stem", 0)
         self.visual = _build_vision_tower(embed_dim=cfg.pop("embed_dim", cfg["width"]), vision_cfg=cfg)
+        if stem_channels:
+            self.visual.conv1 = PixelStem(stem_channels, cfg["width"], cfg["patch_size"])
         self.image_size = int(cfg["image_size"])
         self.patch_size = int(cfg["patch_size"])
         self.width = int(cfg["width"])
