@@ -1,176 +1,233 @@
 """The batch annotation job: answer questions about many videos, one JSON line per answer.
 
-Each record is keyed by (content hash, question, model, compressor). Records are appended
-whole with one `write` on an O_APPEND descriptor and fsync'ed before they count, so a crash
-never leaves a half-written line and a rerun skips what is already done.
+    decode workers (processes)                   main process
+    item -> hash, skip done, decode -> clip  ──►  model.answer per question -> records -> log
+
+Workers hash and decode videos in parallel (`workers` processes, a bounded number of clips in
+flight) while the main process runs the model, so decoding overlaps inference. The model
+answers one (video, question) at a time: the LM runner takes one sequence, and batching the
+vision encoder over several clips measured no faster on CPU (docs/BENCHMARKS.md).
+`server/annotate_ray.py` runs the same stages on Ray Data; both hand their results to
+`write_results`, the only writer of the output (see `server/annotate_log.py` for how each
+record lands exactly once).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import multiprocessing
 import os
 import sys
+import threading
 import time
 import traceback
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
+import torch
 from tqdm import tqdm
 
 from compressors import CompressorSpec
 from kernels.errors import VidsieveError
-from streaming import SamplingPlan, open_video
+from server.annotate_log import AnnotationLog
+from server.annotate_work import IdSet, PreparedClip, PrepareSettings, WorkItem, prepare_clip
+from streaming import SamplingPlan
 from vlm.lm_runner import SamplingParams
 from vlm.model import VLM
+
+CLIPS_IN_FLIGHT_PER_WORKER = 2  # decoded clips waiting for the model: bounds memory, keeps it busy
 
 
 @dataclass
 class AnnotateJob:
-    videos: list[Path]
-    questions: list[str]
+    items: list[WorkItem]
     out: Path
     spec: CompressorSpec
     plan: SamplingPlan
     max_new_tokens: int = 32
     overwrite: bool = False
+    retry_failed: bool = False  # redo error records (ok records are never redone)
+
+
+@dataclass
+class ClipResult:
+    """The new records for one video, and how many of its questions were already answered."""
+
+    records: list[dict]
+    skipped_ok: int
+    skipped_errors: int
 
 
 @dataclass
 class Summary:
-    ok: int = 0
+    ok: int = 0  # records written by this job
     failed: int = 0
-    skipped: int = 0
+    skipped: int = 0  # answers already in the output (ok or error)
+    skipped_errors: int = 0  # of those, error records (`--retry-failed` redoes them)
+    videos: int = 0  # videos this job decoded and answered (not wholly skipped)
     elapsed_s: float = 0.0
-    videos: int = 0
-    records: list[dict] = field(default_factory=list)
 
     @property
     def videos_per_s(self) -> float:
         return self.videos / self.elapsed_s if self.elapsed_s else 0.0
 
+    @property
+    def has_errors(self) -> bool:
+        """Whether any answer this job covers is an error record, new or left from before."""
+        return bool(self.failed or self.skipped_errors)
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def record_key(sha256: str, question: str, model: str, compressor: str) -> str:
-    """Stable id of one answer: the same video content, question, model and compressor."""
-    text = json.dumps([sha256, question, model, compressor])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    def describe(self) -> str:
+        earlier = f" ({self.skipped_errors} of them errors: --retry-failed redoes them)" if self.skipped_errors else ""
+        return (f"{self.ok} ok, {self.failed} failed, {self.skipped} skipped{earlier} in {self.elapsed_s:.1f}s "
+                f"({self.videos} videos, {self.videos_per_s:.2f} videos/s)")
 
 
-def append_record(path: Path, record: dict) -> None:
-    """Append one JSON line atomically and durably (single write, then fsync)."""
-    line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def run_annotation(model: VLM, job: AnnotateJob, *, workers: int = 2, threads: int | None = None,
+                   progress: bool = True) -> Summary:
+    """Annotate on this machine: `workers` decode processes (0: decode in this process).
 
-
-def finished_ids(path: Path) -> set[str]:
-    """Ids of records already written with status ok (a torn last line is ignored)."""
-    done: set[str] = set()
-    if not path.exists():
-        return done
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("status") == "ok":
-            done.add(record["id"])
-    return done
-
-
-def run_annotation(model: VLM, job: AnnotateJob, *, progress: bool = True) -> Summary:
-    if job.overwrite and job.out.exists():
-        job.out.unlink()
-    job.out.parent.mkdir(parents=True, exist_ok=True)
-    done = finished_ids(job.out)
-    summary = Summary()
+    threads: torch CPU threads for the model, by default the cores the workers leave free.
+    More threads than free cores makes a CPU model many times slower, not faster.
+    """
     started = time.perf_counter()
-    bar = tqdm(total=len(job.videos) * len(job.questions), desc="annotate", unit="answer",
-               file=sys.stderr, disable=not progress, dynamic_ncols=True)
-    for video in job.videos:
-        for record in annotate_video(model, job, video, done):
-            if record is None:
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads or max(1, available_cores() - workers))
+    try:
+        with AnnotationLog(job.out, overwrite=job.overwrite) as log:
+            settings = PrepareSettings(answering_model_name(model), job.spec.text, job.plan)
+            ok_ids, skip_error_ids = finished_ids(log, job.retry_failed)
+            clips = prepare_in_workers(job.items, settings, ok_ids, skip_error_ids, workers)
+            results = (ClipResult(answer_clip(model, clip, job.spec, job.max_new_tokens), clip.skipped_ok,
+                                  clip.skipped_errors) for clip in clips)
+            return write_results(log, results, total_videos=len(job.items), started=started, progress=progress)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def answering_model_name(model: VLM) -> str:
+    """The model as records and ids name it: its display name, plus its attention when that is
+    not dense (bi-level routing attention gives different answers)."""
+    attention = str(model.runner.attention_spec)
+    return model.display_name if attention == "dense" else f"{model.display_name}, attention {attention}"
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def finished_ids(log: AnnotationLog, retry_failed: bool) -> tuple[IdSet, IdSet]:
+    """Ids to skip: ok records always, error records unless they are to be retried."""
+    return IdSet(log.ids_with_status("ok")), IdSet([] if retry_failed else log.ids_with_status("error"))
+
+
+def write_results(log: AnnotationLog, results: Iterable[ClipResult], *, total_videos: int, started: float,
+                  progress: bool) -> Summary:
+    """Append every new record, count, and show a progress bar over videos (rate and ETA)."""
+    summary = Summary()
+    bar = tqdm(total=total_videos, desc="annotate", unit="video", file=sys.stderr, disable=not progress,
+               dynamic_ncols=True)
+    for result in results:
+        for record in result.records:
+            if log.written(record["id"]):  # the same content under a second path: answered once
                 summary.skipped += 1
+                continue
+            log.append(record)
+            if record["status"] == "ok":
+                summary.ok += 1
             else:
-                append_record(job.out, record)
-                summary.records.append(record)
-                if record["status"] == "ok":
-                    summary.ok += 1
-                else:
-                    summary.failed += 1
-            bar.update(1)
-        summary.videos += 1
+                summary.failed += 1
+        summary.skipped += result.skipped_ok + result.skipped_errors
+        summary.skipped_errors += result.skipped_errors
+        summary.videos += bool(result.records)
+        bar.set_postfix(ok=summary.ok, failed=summary.failed, skipped=summary.skipped, refresh=False)
+        bar.update(1)
     bar.close()
     summary.elapsed_s = time.perf_counter() - started
     return summary
 
 
-def annotate_video(model: VLM, job: AnnotateJob, video: Path, done: set[str]) -> Iterable[dict | None]:
-    """Yield one record per question (None where it was already done)."""
-    try:
-        sha256 = file_sha256(video)
-    except OSError as error:
-        sha256 = ""
-        decode_error = f"cannot read {str(video)!r}: {error.strerror or error}"
-    else:
-        decode_error = None
-    base = {"video": str(video), "sha256": sha256, "model": model.display_name, "compressor": job.spec.text}
-    pending = []
-    for question in job.questions:
-        record_id = record_key(sha256, question, model.display_name, job.spec.text)
-        if record_id in done:
-            yield None
-        else:
-            pending.append((record_id, question))
-    if not pending:
+# ----------------------------------------------------------------------------------------------
+# Decode workers
+# ----------------------------------------------------------------------------------------------
+
+
+def prepare_in_workers(items: list[WorkItem], settings: PrepareSettings, ok_ids: IdSet, skip_error_ids: IdSet,
+                       workers: int) -> Iterator[PreparedClip]:
+    """Prepared clips in the order workers finish them, at most a few per worker in flight."""
+    if workers <= 0:
+        yield from (prepare_clip(item, settings, ok_ids, skip_error_ids) for item in items)
         return
+    # Fork where there is one: workers only hash and decode (no torch), and start in
+    # milliseconds instead of re-importing torch as spawned processes would.
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_start_worker,
+                               initargs=(os.getpid(), settings, ok_ids, skip_error_ids))
+    pending = iter(items)
+    in_flight: set[Future] = set()
+    try:
+        while True:
+            while len(in_flight) < CLIPS_IN_FLIGHT_PER_WORKER * workers and (item := next(pending, None)):
+                in_flight.add(pool.submit(_prepare_in_worker, item))
+            if not in_flight:
+                return
+            done, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
+            for future in done:
+                yield future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
-    frames = timestamps = None
-    decode_s = 0.0
-    if decode_error is None:
-        start = time.perf_counter()
-        try:
-            clip = open_video(video, job.plan).read_all()
-            frames = np.stack([frame.rgb for frame in clip])
-            timestamps = [frame.timestamp_s for frame in clip]
-        except VidsieveError as error:
-            decode_error = str(error)
-        decode_s = time.perf_counter() - start
 
-    for record_id, question in pending:
+_worker_job: tuple[PrepareSettings, IdSet, IdSet] | None = None
+
+
+def _start_worker(parent_pid: int, settings: PrepareSettings, ok_ids: IdSet, skip_error_ids: IdSet) -> None:
+    global _worker_job
+    _worker_job = (settings, ok_ids, skip_error_ids)
+    threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
+
+
+def _exit_when_orphaned(parent_pid: int) -> None:
+    """A killed job's idle workers wait on a queue nobody feeds; leave when the parent is gone."""
+    while os.getppid() == parent_pid:
+        time.sleep(0.5)
+    os._exit(0)
+
+
+def _prepare_in_worker(item: WorkItem) -> PreparedClip:
+    return prepare_clip(item, *_worker_job)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------
+
+
+def answer_clip(model: VLM, clip: PreparedClip, spec: CompressorSpec, max_new_tokens: int) -> list[dict]:
+    """One record per pending question; a clip that failed to decode gives error records."""
+    base = {"video": clip.video, "sha256": clip.sha256, "model": answering_model_name(model), "compressor": spec.text}
+    sampling = SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=(model.tokenizer.eos_token_id,))
+    records = []
+    for record_id, question in clip.pending:
         # Every record has every field; an error record has nulls where nothing was computed.
-        record = dict(base, id=record_id, question=question, answer=None, status="error", error=decode_error,
-                      frames=0 if frames is None else len(frames), visual_tokens=None,
-                      timings={"decode": round(decode_s, 4)})
-        if decode_error is not None:
-            yield record
+        record = dict(base, id=record_id, question=question, answer=None, status="error", error=clip.error,
+                      frames=0 if clip.frames is None else len(clip.frames), visual_tokens=None,
+                      timings={"decode": round(clip.decode_s, 4)})
+        if clip.error is not None:
+            records.append(record)
             continue
         try:
-            sampling = SamplingParams(max_new_tokens=job.max_new_tokens,
-                                      stop_token_ids=(model.tokenizer.eos_token_id,))
-            answer = model.answer(frames, timestamps, question, job.spec, sampling)
+            answer = model.answer(clip.frames, clip.timestamps_s, question, spec, sampling)
         except VidsieveError as error:
-            yield dict(record, error=str(error))
+            records.append(dict(record, error=str(error)))
             continue
         except Exception as error:  # a bug must not kill a thousand-video job; keep the trace
             traceback.print_exc(file=sys.stderr)
-            yield dict(record, error=f"internal error: {type(error).__name__}: {error}")
+            records.append(dict(record, error=f"internal error: {type(error).__name__}: {error}"))
             continue
-        timings = {"decode": decode_s, **answer.timings_s}
-        yield dict(record, status="ok", answer=answer.text,
-                   visual_tokens={"before": answer.visual_before, "after": answer.visual_after},
-                   timings={name: round(seconds, 4) for name, seconds in timings.items()})
+        timings = {"decode": clip.decode_s, **answer.timings_s}
+        records.append(dict(record, status="ok", answer=answer.text,
+                            visual_tokens={"before": answer.visual_before, "after": answer.visual_after},
+                            timings={name: round(seconds, 4) for name, seconds in timings.items()}))
+    return records

@@ -33,23 +33,72 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     annotate = commands.add_parser("annotate", help="answer questions about videos, one JSON line per answer")
-    annotate.add_argument("videos", nargs="+", type=Path, help="video files")
-    annotate.add_argument("--question", "-q", action="append", required=True, help="repeat for several")
-    annotate.add_argument("--out", "-o", type=Path, required=True, help="output JSONL (appended, resumable)")
+    annotate.add_argument("videos", nargs="*", help="video files, folders (searched recursively) or glob patterns")
+    annotate.add_argument("--manifest", "-m", action="append", type=Path, default=[],
+                          help="JSONL, CSV or JSON list of {video, question(s)} rows; repeat for several")
+    annotate.add_argument("--question", "-q", action="append", default=[],
+                          help="asked of every video without its own question; repeat for several")
+    annotate.add_argument("--out", "-o", type=Path, required=True,
+                          help="output JSONL: appended, one record per answer, resumable")
+    annotate.add_argument("--retry-failed", action="store_true",
+                          help="redo error records (a plain rerun skips ok and error records alike)")
     annotate.add_argument("--overwrite", action="store_true", help="start a fresh output file")
+    annotate.add_argument("--workers", type=int, default=2,
+                          help="local engine: decode processes beside the model (0: none; default %(default)s)")
+    annotate.add_argument("--threads", type=int, default=None,
+                          help="torch CPU threads for the model (default: the cores the workers leave free)")
+    annotate.add_argument("--engine", choices=("local", "ray"), default="local",
+                          help="local processes, or Ray Data on a cluster (pip install vidsieve[ray])")
+    annotate.add_argument("--ray-address", default=None,
+                          help="Ray cluster to join (default: RAY_ADDRESS, else a local cluster)")
+    annotate.add_argument("--ray-actors", type=int, default=None,
+                          help="model replicas on Ray (default: one per GPU in the cluster, else 1)")
     annotate.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     add_model_arguments(annotate)
     add_sampling_plan_arguments(annotate)
     annotate.set_defaults(handler=run_annotate)
+
+    train = commands.add_parser("train", help="train vidsieve-tiny (or, later, a learned compressor) on ShapesWorld")
+    train.add_argument("what", choices=["tiny"], help="what to train")
+    train.add_argument("--out", type=Path, required=True, help="folder to save the model into")
+    train.add_argument("--perception-minutes", type=float, default=10.0)
+    train.add_argument("--qa-minutes", type=float, default=60.0)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    train.set_defaults(handler=run_train)
+
+    bench = commands.add_parser("bench", help="benchmarks (accuracy, ...)")
+    benches = bench.add_subparsers(dest="bench", required=True)
+    accuracy = benches.add_parser("accuracy", help="accuracy per question type for model x compressor specs")
+    source = accuracy.add_mutually_exclusive_group(required=True)
+    source.add_argument("--manifest", type=Path, help="a manifest file or MVBench task folder")
+    source.add_argument("--split", help="a ShapesWorld split (train, val, test, compositional), written on first use")
+    accuracy.add_argument("--count", type=int, default=200, help="clips of --split (default %(default)s)")
+    accuracy.add_argument("--data-dir", type=Path, default=Path("runs/shapesworld"), help="where --split is written")
+    accuracy.add_argument("--format", default="auto", help="shapesworld, mvbench, videomme (default: detect)")
+    accuracy.add_argument("--videos", type=Path, default=None, help="video folder (default: the manifest's)")
+    accuracy.add_argument("--with-options", action="store_true", help="list lettered options in the prompt")
+    accuracy.add_argument("--limit", type=int, default=None, help="first N questions only")
+    accuracy.add_argument("--out", type=Path, default=None, help="write the JSON summary here")
+    accuracy.add_argument("--markdown", type=Path, default=None, help="write the Markdown table here")
+    add_model_arguments(accuracy, repeat_compressor=True)
+    add_sampling_plan_arguments(accuracy)
+    accuracy.set_defaults(handler=run_bench_accuracy)
 
     listing = commands.add_parser("compressors", help="list registered compressors and their parameters")
     listing.set_defaults(handler=run_compressors)
     return parser
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, *, repeat_compressor: bool = False) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="folder, preset or hub id (default: %(default)s)")
-    parser.add_argument("--compressor", default="none", help="spec such as 'random:ratio=0.25' (see `vidsieve compressors`)")
+    if repeat_compressor:
+        parser.add_argument("--compressor", action="append", help="spec; repeat to compare several (default: none)")
+    else:
+        parser.add_argument("--compressor", default="none",
+                            help="spec such as 'random:ratio=0.25' (see `vidsieve compressors`)")
+    parser.add_argument("--attention", default="dense",
+                        help="dense (default) or bi-level routing attention, e.g. 'bra:topk=8,block=64'")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: CUDA when available)")
     parser.add_argument("--dtype", default=None, help="bf16, fp16, fp32 (default: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -65,23 +114,97 @@ def add_sampling_plan_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_annotate(args: argparse.Namespace) -> int:
     from server.annotate import AnnotateJob, run_annotation
+    from server.annotate_work import collect_work
     from streaming import SamplingPlan
     from vlm.model import VLM
 
-    spec = parse_spec(args.compressor)  # fail fast on bad input, before loading anything
+    # fail fast on bad input, before loading anything
+    if args.workers < 0 or any(count is not None and count < 1 for count in (args.threads, args.ray_actors)):
+        raise VidsieveError("--workers must be 0 or more, --threads and --ray-actors 1 or more")
+    spec = parse_spec(args.compressor)
     plan = SamplingPlan(fps=args.fps, num_frames=args.num_frames, max_frames=args.max_frames,
                         start_s=args.start_s, end_s=args.end_s)
-    model = VLM.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    items = collect_work(args.videos, args.manifest, args.question)
+    if args.engine == "ray":
+        from server.annotate_ray import import_ray
+
+        import_ray()
+    # On Ray the actors load the model; the driver needs only its name and frame count.
+    model = VLM.from_pretrained(args.model, device="cpu" if args.engine == "ray" else args.device, dtype=args.dtype,
+                                attention=args.attention)
     if plan.fps is None and plan.num_frames is None:  # the clip length the model was trained on
         plan = dataclasses.replace(plan, num_frames=model.config.num_frames)
     if not model.config.trained:
         print(f"vidsieve: warning: {model.display_name}: answers are not meaningful", file=sys.stderr)
-    job = AnnotateJob(videos=args.videos, questions=args.question, out=args.out, spec=spec, plan=plan,
-                      max_new_tokens=args.max_new_tokens, overwrite=args.overwrite)
-    summary = run_annotation(model, job, progress=not args.no_progress)
-    print(f"annotate: {summary.ok} ok, {summary.failed} failed, {summary.skipped} skipped "
-          f"in {summary.elapsed_s:.1f}s ({summary.videos_per_s:.2f} videos/s) -> {args.out}", file=sys.stderr)
-    return EXIT_SOME_FAILED if summary.failed else EXIT_OK
+    job = AnnotateJob(items=items, out=args.out, spec=spec, plan=plan, max_new_tokens=args.max_new_tokens,
+                      overwrite=args.overwrite, retry_failed=args.retry_failed)
+    try:
+        if args.engine == "ray":
+            from server.annotate_ray import run_annotation_on_ray
+
+            summary = run_annotation_on_ray(job, model, model_source=args.model,
+                                            device=args.device, dtype=args.dtype, address=args.ray_address,
+                                            actors=args.ray_actors, progress=not args.no_progress)
+        else:
+            summary = run_annotation(model, job, workers=args.workers, threads=args.threads,
+                                     progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"annotate: interrupted; every record in {args.out} is whole: rerun the same command to finish",
+              file=sys.stderr)
+        return 130  # what a shell reports for Ctrl-C
+    print(f"annotate: {summary.describe()} -> {args.out}", file=sys.stderr)
+    return EXIT_SOME_FAILED if summary.has_errors else EXIT_OK
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from eval.train_tiny import TrainConfig, train_tiny
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = TrainConfig(perception_minutes=args.perception_minutes, qa_minutes=args.qa_minutes, seed=args.seed)
+    train_tiny(args.out, config, report=lambda line: print(line, flush=True))
+    return EXIT_OK
+
+
+def run_bench_accuracy(args: argparse.Namespace) -> int:
+    import json
+
+    from tqdm import tqdm
+
+    from eval.accuracy import load_manifest, markdown_table, run_accuracy, summarise
+    from streaming import SamplingPlan
+    from vlm.model import VLM
+
+    specs = [parse_spec(text).text for text in (args.compressor or ["none"])]
+    if args.split:
+        from eval.shapesworld import write_split
+
+        folder = args.data_dir / f"{args.split}-{args.count}"
+        if not (folder / "manifest.json").exists():
+            write_split(args.split, args.count, folder)
+        manifest = folder / "manifest.json"
+    else:
+        manifest = args.manifest
+    items = load_manifest(manifest, args.format, args.videos)[: args.limit]
+    model = VLM.from_pretrained(args.model, device=args.device, dtype=args.dtype, attention=args.attention)
+    plan = SamplingPlan(fps=args.fps, num_frames=args.num_frames or (None if args.fps else model.config.num_frames),
+                        max_frames=args.max_frames, start_s=args.start_s, end_s=args.end_s)
+    with tqdm(total=len(items), desc="bench accuracy", unit="question", file=sys.stderr) as bar:
+        results = run_accuracy(model, items, specs, plan=plan, with_options=args.with_options,
+                               max_new_tokens=args.max_new_tokens, progress=bar)
+    summary = summarise(results)
+    table = markdown_table(summary)
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"model": model.display_name, "manifest": str(manifest),
+                                        "results": summary}, indent=1))
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(table + "\n")
+    return EXIT_OK
 
 
 def run_compressors(args: argparse.Namespace) -> int:

@@ -1,0 +1,86 @@
+"""The accuracy harness: option extraction, the three manifest layouts, and a full run."""
+
+import json
+
+import pytest
+
+from eval.accuracy import (ManifestError, QAItem, extract_choice, load_manifest, markdown_table, run_accuracy,
+                           summarise)
+from eval.public_formats import write_mvbench, write_videomme
+from eval.shapesworld import write_split
+from server.cli import main
+from vlm.model import VLM, VLMConfig
+
+CANDIDATES = ("red", "green", "top-left", "left")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("red", 0), ("Red.", 0), ("The answer is green.", 1), ("B", 1), ("(A)", 0), ("C. top-left", 2),
+    ("Answer: D", 3), ("option b", 1), ("top-left", 2), ("it is at the top-left", 2), ("left", 3),
+    ("red or green", None), ("purple", None), ("", None), ("E", None), ("Because", None),
+])
+def test_extract_choice_reads_text_letters_and_refuses_ambiguity(text, expected):
+    assert extract_choice(text, CANDIDATES) == expected
+
+
+@pytest.fixture(scope="module")
+def shapesworld_manifest(tmp_path_factory):
+    return write_split("val", 3, tmp_path_factory.mktemp("sw"))
+
+
+def test_mvbench_and_videomme_fixtures_load_to_the_same_items_as_shapesworld(shapesworld_manifest, tmp_path):
+    native = load_manifest(shapesworld_manifest)
+    mvbench = load_manifest(write_mvbench(shapesworld_manifest, tmp_path / "mvbench"),
+                            video_root=shapesworld_manifest.parent)
+    videomme = load_manifest(write_videomme(shapesworld_manifest, tmp_path / "videomme.json"),
+                             video_root=shapesworld_manifest.parent)
+    parquet = load_manifest(write_videomme(shapesworld_manifest, tmp_path / "videomme.parquet"),
+                            video_root=shapesworld_manifest.parent)
+
+    def key(item: QAItem):
+        return (item.video, item.question, item.candidates, item.answer_index, item.type)
+
+    assert len(native) > 10
+    for other in (mvbench, videomme, parquet):
+        assert sorted(map(key, other)) == sorted(map(key, native))
+    assert all(item.video.exists() for item in native)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("not json", "cannot read"), ('{"a": 1}', "list"), ('[{"video": "x.mp4"}]', "bad manifest row"),
+])
+def test_bad_manifests_raise_a_clear_error(content, message, tmp_path):
+    path = tmp_path / "m.json"
+    path.write_text(content)
+    with pytest.raises(ManifestError, match=message):
+        load_manifest(path, "shapesworld")
+
+
+def test_a_run_counts_every_question_per_type_with_chance_and_prefill_ratio(shapesworld_manifest):
+    model = VLM.from_config(VLMConfig.from_name("vidsieve-tiny"))
+    items = load_manifest(shapesworld_manifest)
+    results = run_accuracy(model, items, ["none", "avgpool:factor=2"])
+    summary = summarise(results)
+    assert set(summary) == {"none", "avgpool:factor=2"}
+    for entry in summary.values():
+        assert entry["questions"] == len(items)
+        assert sum(t["total"] for t in entry["per_type"].values()) == len(items)
+        assert 0 < entry["chance"] < 1
+    assert summary["none"]["prefill_ratio_to_none"] == 1.0
+    assert summary["avgpool:factor=2"]["visual_tokens_kept"] == summary["none"]["visual_tokens_kept"] / 4
+    table = markdown_table(summary)
+    assert "`avgpool:factor=2`" in table and "chance" in table
+
+
+def test_bench_accuracy_command_writes_json_and_markdown(shapesworld_manifest, tmp_path, capsys):
+    folder = tmp_path / "model"
+    VLM.from_config(VLMConfig.from_name("vidsieve-tiny")).save_pretrained(folder)
+    out, markdown = tmp_path / "r.json", tmp_path / "r.md"
+    code = main(["bench", "accuracy", "--manifest", str(shapesworld_manifest), "--model", str(folder),
+                 "--compressor", "none", "--compressor", "random:ratio=0.5", "--limit", "4",
+                 "--max-new-tokens", "2", "--out", str(out), "--markdown", str(markdown)])
+    assert code == 0
+    written = json.loads(out.read_text())
+    assert set(written["results"]) == {"none", "random:ratio=0.5"}
+    assert written["results"]["none"]["questions"] == 4
+    assert "`random:ratio=0.5`" in markdown.read_text()
