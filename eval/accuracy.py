@@ -23,12 +23,15 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
-from compressors import parse_spec
+from compressors import CompressionContext, parse_spec
 from kernels.errors import VidsieveError
 from streaming import SamplingPlan, open_video
+from vlm.encoder import PatchReuseEncoder
+from vlm.reuse import ReuseSpec
 
 LETTERS = "ABCDEFGHIJ"
 FORMATS = ("shapesworld", "mvbench", "videomme")
@@ -173,8 +176,13 @@ class SpecResult:
 
 
 def run_accuracy(model, items: list[QAItem], specs: list[str], *, plan: SamplingPlan | None = None,
-                 with_options: bool = False, max_new_tokens: int = 32, progress=None) -> dict[str, SpecResult]:
-    """Answer every item under every spec (greedy); one decode + encode per video."""
+                 with_options: bool = False, max_new_tokens: int = 32, reuse: ReuseSpec = ReuseSpec(),
+                 progress=None) -> dict[str, SpecResult]:
+    """Answer every item under every spec (greedy); one decode + encode per video.
+
+    `reuse.patches` encodes with the patch-reuse encoder; `reuse.kv` prefills each video once
+    per spec for specs that allow it (question-agnostic, pre-LLM) and answers every question
+    from that KV (prefill time is then the question's own)."""
     parsed = [parse_spec(text) for text in specs]
     sampling = model.default_sampling(max_new_tokens)
     plan = plan or SamplingPlan(num_frames=model.config.num_frames)
@@ -185,12 +193,19 @@ def run_accuracy(model, items: list[QAItem], specs: list[str], *, plan: Sampling
         by_video[item.video].append(item)
     for video, video_items in by_video.items():
         clip = open_video(video, plan).read_all()
-        tokens = model.encode_frames(np.stack([f.rgb for f in clip]), [f.timestamp_s for f in clip])
+        encoder = (PatchReuseEncoder(model.encoder, threshold=reuse.threshold, refresh_every=reuse.refresh_every)
+                   if reuse.patches else None)
+        tokens = model.encode_frames(np.stack([f.rgb for f in clip]), [f.timestamp_s for f in clip], encoder)
+        prefilled = {spec.text: model.prefill_video(tokens, spec) for spec in parsed
+                     if reuse.kv and kv_reusable(model, spec)}
         for item in video_items:
             prompt = options_prompt(item) if with_options else item.question
             for spec in parsed:
                 timings: dict = {}
-                answer = model.answer_tokens(tokens, prompt, spec, sampling, timings)
+                if spec.text in prefilled:
+                    answer = answer_from(model, prefilled[spec.text], prompt, sampling, timings)
+                else:
+                    answer = model.answer_tokens(tokens, prompt, spec, sampling, timings)
                 result = results[spec.text]
                 chosen = extract_choice(answer.text, item.candidates)
                 result.correct[item.type] += int(chosen == item.answer_index)
@@ -202,6 +217,21 @@ def run_accuracy(model, items: list[QAItem], specs: list[str], *, plan: Sampling
             if progress:
                 progress.update(1)
     return results
+
+
+def kv_reusable(model, spec) -> bool:
+    """Whether one prefill of a video can serve every question under this spec."""
+    compressor = spec.compressor
+    if compressor.stage != "pre_llm" or compressor.uses_question:
+        return False
+    return not hasattr(compressor, "hook") or compressor.hook(CompressionContext(budget=spec.budget),
+                                                              len(model.runner.layers)) is None
+
+
+def answer_from(model, video, prompt: str, sampling, timings: dict) -> SimpleNamespace:
+    ids = list(model.stream_reused(video, prompt, sampling, timings))
+    return SimpleNamespace(text=model.tokenizer.decode(ids, skip_special_tokens=True).strip(),
+                           visual_before=video.visual_before, visual_after=video.visual_after)
 
 
 def summarise(results: dict[str, SpecResult]) -> dict:

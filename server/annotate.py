@@ -34,7 +34,9 @@ from server.annotate_log import AnnotationLog
 from server.annotate_work import IdSet, PreparedClip, PrepareSettings, WorkItem, prepare_clip
 from streaming import SamplingPlan
 from vlm.lm_runner import SamplingParams
+from vlm.encoder import PatchReuseEncoder
 from vlm.model import VLM
+from vlm.reuse import ReuseSpec
 
 CLIPS_IN_FLIGHT_PER_WORKER = 2  # decoded clips waiting for the model: bounds memory, keeps it busy
 
@@ -48,6 +50,7 @@ class AnnotateJob:
     max_new_tokens: int = 32
     overwrite: bool = False
     retry_failed: bool = False  # redo error records (ok records are never redone)
+    reuse: ReuseSpec = ReuseSpec()
 
 
 @dataclass
@@ -98,7 +101,7 @@ def run_annotation(model: VLM, job: AnnotateJob, *, workers: int = 2, threads: i
             settings = PrepareSettings(answering_model_name(model), job.spec.text, job.plan)
             ok_ids, skip_error_ids = finished_ids(log, job.retry_failed)
             clips = prepare_in_workers(job.items, settings, ok_ids, skip_error_ids, workers)
-            results = (ClipResult(answer_clip(model, clip, job.spec, job.max_new_tokens), clip.skipped_ok,
+            results = (ClipResult(answer_clip(model, clip, job.spec, job.max_new_tokens, job.reuse), clip.skipped_ok,
                                   clip.skipped_errors) for clip in clips)
             return write_results(log, results, total_videos=len(job.items), started=started, progress=progress)
     finally:
@@ -204,11 +207,17 @@ def _prepare_in_worker(item: WorkItem) -> PreparedClip:
 # ----------------------------------------------------------------------------------------------
 
 
-def answer_clip(model: VLM, clip: PreparedClip, spec: CompressorSpec, max_new_tokens: int) -> list[dict]:
-    """One record per pending question; a clip that failed to decode gives error records."""
+def answer_clip(model: VLM, clip: PreparedClip, spec: CompressorSpec, max_new_tokens: int,
+                reuse: ReuseSpec = ReuseSpec()) -> list[dict]:
+    """One record per pending question; a clip that failed to decode gives error records.
+
+    The clip is encoded once for all its questions. With `reuse.patches` the encoder skips
+    unchanged patches; with `reuse.kv` the video is prefilled once and every question reuses
+    its KV. Records then carry `reuse`: what was skipped.
+    """
     base = {"video": clip.video, "sha256": clip.sha256, "model": answering_model_name(model), "compressor": spec.text}
     sampling = SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=(model.tokenizer.eos_token_id,))
-    records = []
+    records, tokens, video, reused, shared_timings = [], None, None, {}, {}
     for record_id, question in clip.pending:
         # Every record has every field; an error record has nulls where nothing was computed.
         record = dict(base, id=record_id, question=question, answer=None, status="error", error=clip.error,
@@ -218,7 +227,16 @@ def answer_clip(model: VLM, clip: PreparedClip, spec: CompressorSpec, max_new_to
             records.append(record)
             continue
         try:
-            answer = model.answer(clip.frames, clip.timestamps_s, question, spec, sampling)
+            if tokens is None:  # once per clip; every record reports the shared encode (and video prefill)
+                tokens, video, reused = encode_for_questions(model, clip, spec, reuse, shared_timings)
+            timings: dict = {"decode": clip.decode_s, **shared_timings}
+            if video is not None:
+                ids = list(model.stream_reused(video, question, sampling, timings))
+                text = model.tokenizer.decode(ids, skip_special_tokens=True).strip()
+                before, after = video.visual_before, video.visual_after
+            else:
+                answer = model.answer_tokens(tokens, question, spec, sampling, timings)
+                text, before, after = answer.text, answer.visual_before, answer.visual_after
         except VidsieveError as error:
             records.append(dict(record, error=str(error)))
             continue
@@ -226,8 +244,29 @@ def answer_clip(model: VLM, clip: PreparedClip, spec: CompressorSpec, max_new_to
             traceback.print_exc(file=sys.stderr)
             records.append(dict(record, error=f"internal error: {type(error).__name__}: {error}"))
             continue
-        timings = {"decode": clip.decode_s, **answer.timings_s}
-        records.append(dict(record, status="ok", answer=answer.text,
-                            visual_tokens={"before": answer.visual_before, "after": answer.visual_after},
-                            timings={name: round(seconds, 4) for name, seconds in timings.items()}))
+        ok = dict(record, status="ok", answer=text, visual_tokens={"before": before, "after": after},
+                  timings={name: round(seconds, 4) for name, seconds in timings.items()})
+        records.append(dict(ok, reuse=reused) if reused else ok)
     return records
+
+
+def encode_for_questions(model: VLM, clip: PreparedClip, spec: CompressorSpec, reuse: ReuseSpec, timings: dict):
+    """Encode a clip once (skipping unchanged patches if asked) and, with KV reuse, prefill the
+    video once. Returns (visual tokens, prefilled video or None, what reuse skipped)."""
+    start = time.perf_counter()
+    encoder = None
+    if reuse.patches:
+        encoder = PatchReuseEncoder(model.encoder, threshold=reuse.threshold, refresh_every=reuse.refresh_every)
+    tokens = model.encode_frames(clip.frames, clip.timestamps_s, encoder)
+    timings["encode"] = time.perf_counter() - start
+    reused = {"spec": str(reuse)} if reuse.kv or reuse.patches else {}
+    if encoder is not None:
+        reused["patches_skipped"] = round(encoder.stats.skipped_fraction, 4)
+    video = None
+    if reuse.kv:
+        start = time.perf_counter()
+        video = model.prefill_video(tokens, spec)
+        timings["video_prefill"] = time.perf_counter() - start
+        reused["video_prefills"] = 1
+        reused["questions_sharing_it"] = len(clip.pending)
+    return tokens, video, reused

@@ -27,6 +27,7 @@ from server.annotate import (AnnotateJob, ClipResult, Summary, answer_clip, answ
 from server.annotate_log import AnnotationLog
 from server.annotate_work import IdSet, PrepareSettings, WorkItem, prepare_clip
 from vlm.model import VLM
+from vlm.reuse import ReuseSpec
 
 
 class RayUnavailableError(VidsieveError):
@@ -78,7 +79,7 @@ def run_annotation_on_ray(job: AnnotateJob, model: VLM, *, model_source: str, de
                     "model_source": model_source, "model_name": answering_model_name(model),
                     "attention": str(model.runner.attention_spec), "spec_text": job.spec.text,
                     "max_new_tokens": job.max_new_tokens, "device": "cuda" if gpus_per_actor else device,
-                    "dtype": dtype},
+                    "dtype": dtype, "reuse": str(job.reuse)},
                     compute=ray.data.ActorPoolStrategy(size=actors or max(1, int(gpus))),
                     num_gpus=gpus_per_actor)
             )
@@ -101,16 +102,17 @@ class Answerer:
     """One model replica in the actor pool: prepared clip in, its records out (as JSON text)."""
 
     def __init__(self, *, model_source: str, model_name: str, attention: str, spec_text: str, max_new_tokens: int,
-                 device: str | None, dtype: str | None):
+                 device: str | None, dtype: str | None, reuse: str = "none"):
         self.model = VLM.from_pretrained(model_source, device=device, dtype=dtype, attention=attention)
         loaded = answering_model_name(self.model)
         if loaded != model_name:  # ids name the model: every replica must be the same one
             raise VidsieveError(f"the Ray actor loaded {loaded!r} from {model_source!r}, the driver {model_name!r}")
         self.spec = parse_spec(spec_text)
         self.max_new_tokens = max_new_tokens
+        self.reuse = ReuseSpec.parse(reuse)
 
     def __call__(self, row: dict) -> dict:
         clip = pickle.loads(row["clip"])
-        records = answer_clip(self.model, clip, self.spec, self.max_new_tokens)
+        records = answer_clip(self.model, clip, self.spec, self.max_new_tokens, self.reuse)
         return {"records": json.dumps(records, ensure_ascii=False), "skipped_ok": clip.skipped_ok,
                 "skipped_errors": clip.skipped_errors}

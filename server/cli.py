@@ -99,9 +99,21 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, repeat_compressor: b
                             help="spec such as 'random:ratio=0.25' (see `vidsieve compressors`)")
     parser.add_argument("--attention", default="dense",
                         help="dense (default) or bi-level routing attention, e.g. 'bra:topk=8,block=64'")
+    parser.add_argument("--reuse", default="none", type=parse_reuse,
+                        help="none (default), kv (one video prefill for every question), "
+                             "patches[:threshold=T,refresh=N] (re-encode only changed patches), or kv+patches")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: CUDA when available)")
     parser.add_argument("--dtype", default=None, help="bf16, fp16, fp32 (default: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
+
+
+def parse_reuse(text: str):
+    from vlm.reuse import ReuseSpec, ReuseSpecError
+
+    try:
+        return ReuseSpec.parse(text)
+    except ReuseSpecError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def add_sampling_plan_arguments(parser: argparse.ArgumentParser) -> None:
@@ -137,7 +149,7 @@ def run_annotate(args: argparse.Namespace) -> int:
     if not model.config.trained:
         print(f"vidsieve: warning: {model.display_name}: answers are not meaningful", file=sys.stderr)
     job = AnnotateJob(items=items, out=args.out, spec=spec, plan=plan, max_new_tokens=args.max_new_tokens,
-                      overwrite=args.overwrite, retry_failed=args.retry_failed)
+                      overwrite=args.overwrite, retry_failed=args.retry_failed, reuse=args.reuse)
     try:
         if args.engine == "ray":
             from server.annotate_ray import run_annotation_on_ray
@@ -193,7 +205,7 @@ def run_bench_accuracy(args: argparse.Namespace) -> int:
                         max_frames=args.max_frames, start_s=args.start_s, end_s=args.end_s)
     with tqdm(total=len(items), desc="bench accuracy", unit="question", file=sys.stderr) as bar:
         results = run_accuracy(model, items, specs, plan=plan, with_options=args.with_options,
-                               max_new_tokens=args.max_new_tokens, progress=bar)
+                               max_new_tokens=args.max_new_tokens, reuse=args.reuse, progress=bar)
     summary = summarise(results)
     table = markdown_table(summary)
     print(table)

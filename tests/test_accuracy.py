@@ -84,3 +84,20 @@ def test_bench_accuracy_command_writes_json_and_markdown(shapesworld_manifest, t
     assert set(written["results"]) == {"none", "random:ratio=0.5"}
     assert written["results"]["none"]["questions"] == 4
     assert "`random:ratio=0.5`" in markdown.read_text()
+
+
+def test_kv_and_patch_reuse_give_the_same_accuracy_as_recomputing(shapesworld_manifest):
+    from vlm.reuse import ReuseSpec
+
+    model = VLM.from_config(VLMConfig.from_name("vidsieve-tiny"))
+    items = load_manifest(shapesworld_manifest)[:6]
+    specs = ["none", "random:ratio=0.5", "fastv:ratio=0.5"]
+    plain = summarise(run_accuracy(model, items, specs, max_new_tokens=3))
+    model.counters.clear()
+    reused = summarise(run_accuracy(model, items, specs, max_new_tokens=3,
+                                    reuse=ReuseSpec(kv=True, patches=True, threshold=0.0)))
+    videos = len({item.video for item in items})
+    assert model.counters["video_prefills"] == 2 * videos  # none and random; fastv needs the question
+    assert set(reused) == set(plain) and len(plain) == 3
+    for spec in plain:
+        assert reused[spec]["per_type"] == plain[spec]["per_type"]

@@ -80,19 +80,19 @@ def test_retry_failed_redoes_only_error_records_and_leaves_one_record_per_id(mod
     out = tmp_path / "out.jsonl"
     args = ["annotate", *map(str, clips[:2]), "-q", "what colour is the circle?", "-q", "how many objects?",
             "--out", str(out), "--model", str(model_dir), "--num-frames", "2", "--no-progress"]
-    real_answer = VLM.answer
+    real_answer = VLM.answer_tokens
 
-    def flaky_answer(self, frames, timestamps_s, question, *rest, **kwargs):
+    def flaky_answer(self, tokens, question, *rest, **kwargs):
         if question == "how many objects?":
             raise RuntimeError("out of memory")
-        return real_answer(self, frames, timestamps_s, question, *rest, **kwargs)
+        return real_answer(self, tokens, question, *rest, **kwargs)
 
-    monkeypatch.setattr(VLM, "answer", flaky_answer)
+    monkeypatch.setattr(VLM, "answer_tokens", flaky_answer)
     assert main(args) == 3
     first = read_records(out)
     assert [r["status"] for r in first].count("error") == 2
     assert all("internal error: RuntimeError: out of memory" in r["error"] for r in first if r["status"] == "error")
-    monkeypatch.setattr(VLM, "answer", real_answer)
+    monkeypatch.setattr(VLM, "answer_tokens", real_answer)
     assert main(args) == 3  # a plain rerun leaves the errors alone
     assert read_records(out) == first
     assert main([*args, "--retry-failed"]) == 0
@@ -250,3 +250,23 @@ def test_answers_under_another_attention_are_new_records_not_skips(model_dir, cl
     dense, routed = read_records(out)
     assert dense["id"] != routed["id"]
     assert routed["model"] == f"{dense['model']}, attention bra:topk=1,block=8,sinks=1,regions=blocks"
+
+
+def test_reuse_kv_and_patches_give_the_same_answers_and_report_what_they_skipped(model_dir, clips, tmp_path):
+    plain, reused = tmp_path / "plain.jsonl", tmp_path / "reused.jsonl"
+    questions = ["-q", "what colour is the circle?", "-q", "how many objects?"]
+    common = [str(clips[0]), *questions, "--model", str(model_dir), "--num-frames", "4", "--no-progress"]
+    assert main(["annotate", *common, "--out", str(plain)]) == 0
+    assert main(["annotate", *common, "--out", str(reused), "--reuse", "kv+patches:threshold=0,refresh=100"]) == 0
+    records = read_records(reused)
+    assert [r["answer"] for r in records] == [r["answer"] for r in read_records(plain)]
+    for record in records:
+        assert record["reuse"]["video_prefills"] == 1 and record["reuse"]["questions_sharing_it"] == 2
+        assert 0 <= record["reuse"]["patches_skipped"] < 1
+
+
+def test_a_bad_reuse_spec_is_a_usage_error(clips, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["annotate", str(clips[0]), "-q", "x", "--out", str(tmp_path / "o.jsonl"), "--reuse", "cache"])
+    assert exit_info.value.code == 2
+    assert "unknown reuse" in capsys.readouterr().err
