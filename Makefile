@@ -23,6 +23,7 @@ run: setup
 		--question "What colour is the circle?" \
 		--question "Which direction does the square move?" \
 		--out runs/annotations.jsonl --overwrite
+	@$(BIN)/python -c 'import json, sys; [print(r["video"] + ": " + r["question"] + " -> " + str(r["answer"])) for r in map(json.loads, open(sys.argv[1]))]' runs/annotations.jsonl
 	@echo "records written to runs/annotations.jsonl"
 
 test: setup
