@@ -1,0 +1,87 @@
+"""Every compressor at budgets 50%, 25%, 10% and one token per frame on ShapesWorld.
+
+    python -m eval.bench_compressors --count 60 --out docs/compressors
+
+One run: each clip is decoded and encoded once and every spec answers every question from
+the same visual tokens (`eval.accuracy.run_accuracy`), so accuracy and prefill time (as a
+ratio to `none`) are comparable. Writes `<out>.json`, `<out>.md` (the table) and `<out>.png`
+(accuracy against the fraction of visual tokens kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from compressors import list_compressors
+from eval.accuracy import load_manifest, markdown_table, run_accuracy, summarise
+from eval.shapesworld import write_split
+from vlm.model import VLM
+
+RATIOS = (0.5, 0.25, 0.1)
+
+
+def specs_for(name: str) -> list[str]:
+    """The specs that put `name` at each budget it can meet."""
+    if name == "none":
+        return ["none"]
+    if name == "avgpool":  # a 4x4 token grid per frame: factor 2 keeps 25%, factor 4 one token
+        return ["avgpool:factor=2", "avgpool:factor=4"]
+    if name == "videoscan":  # one carrier per frame, by construction
+        return ["videoscan"]
+    return [f"{name}:ratio={ratio}" for ratio in RATIOS] + [f"{name}:per_frame=1"]
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_method: dict[str, list[tuple[float, float]]] = {}
+    for spec, entry in summary.items():
+        kept = entry["visual_tokens_kept"] / entry["visual_tokens_before"]
+        by_method.setdefault(spec.split(":")[0], []).append((kept, 100 * entry["overall"]))
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for method, points in sorted(by_method.items()):
+        points.sort()
+        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+    first = next(iter(summary.values()))
+    axes.axhline(100 * first["chance"], color="grey", linestyle=":", label="chance")
+    axes.set_xscale("log")
+    axes.set_xlabel("fraction of visual tokens kept (log)")
+    axes.set_ylabel("ShapesWorld test accuracy (%)")
+    axes.legend(fontsize=8, ncol=2)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m eval.bench_compressors", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="vidsieve-tiny")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--count", type=int, default=60, help="clips")
+    parser.add_argument("--data-dir", type=Path, default=Path("runs/shapesworld"))
+    parser.add_argument("--out", type=Path, default=Path("docs/compressors"))
+    parser.add_argument("--only", nargs="*", default=None, help="compressor names (default: all registered)")
+    args = parser.parse_args(argv)
+    folder = args.data_dir / f"{args.split}-{args.count}"
+    if not (folder / "manifest.json").exists():
+        write_split(args.split, args.count, folder)
+    items = load_manifest(folder / "manifest.json")
+    names = args.only or [info.name for info in list_compressors()]
+    specs = [spec for name in ["none", *[n for n in names if n != "none"]] for spec in specs_for(name)]
+    model = VLM.from_pretrained(args.model, device="cpu")
+    summary = summarise(run_accuracy(model, items, specs, max_new_tokens=4))
+    table = markdown_table(summary)
+    print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps({"model": model.display_name, "results": summary}, indent=1))
+    args.out.with_suffix(".md").write_text(table + "\n")
+    plot(summary, args.out.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()
