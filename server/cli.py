@@ -85,6 +85,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_plan_arguments(accuracy)
     accuracy.set_defaults(handler=run_bench_accuracy)
 
+    serve = commands.add_parser("serve", help="WebSocket streaming and OpenAI-compatible HTTP server "
+                                "(settings: VIDSIEVE_* environment variables; pip install vidsieve[server])")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--model", default=None, help="folder, preset or hub id (default: VIDSIEVE_MODEL, else vidsieve-tiny)")
+    serve.add_argument("--device", default=None)
+    serve.add_argument("--dtype", default=None)
+    serve.add_argument("--attention", default=None, help="default attention spec (default: dense)")
+    serve.add_argument("--media-root", type=Path, default=None, help="local media paths are allowed under this folder only")
+    serve.set_defaults(handler=run_serve)
+
+    demo = commands.add_parser("demo", help="Gradio demo on 127.0.0.1: ask a video anything and see which tokens "
+                               "each compressor kept (pip install vidsieve[demo])")
+    demo.add_argument("--port", type=int, default=7860)
+    demo.add_argument("--model", default=DEFAULT_MODEL, help="the model chosen at start (default: %(default)s)")
+    demo.set_defaults(handler=run_demo)
+
     listing = commands.add_parser("compressors", help="list registered compressors and their parameters")
     listing.set_defaults(handler=run_compressors)
     return parser
@@ -216,6 +233,31 @@ def run_bench_accuracy(args: argparse.Namespace) -> int:
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(table + "\n")
+    return EXIT_OK
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    try:
+        from pydantic import ValidationError
+
+        from server.app import run_server
+        from server.settings import Settings
+    except ImportError as error:
+        raise VidsieveError(f"serve needs the server extra ({error.name} is missing): pip install vidsieve[server]") from None
+    overrides = {"model": args.model, "device": args.device, "dtype": args.dtype, "attention": args.attention,
+                 "media_root": args.media_root}
+    try:
+        settings = Settings(**{key: value for key, value in overrides.items() if value is not None})
+    except ValidationError as error:
+        raise VidsieveError(f"bad server settings: {error}") from None
+    run_server(settings, args.host, args.port)
+    return EXIT_OK
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from server.demo import launch_demo
+
+    launch_demo(port=args.port, model=args.model)
     return EXIT_OK
 
 

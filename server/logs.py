@@ -17,7 +17,8 @@ from contextvars import ContextVar
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 session_id_var: ContextVar[str | None] = ContextVar("session_id", default=None)
 
-_STANDARD_FIELDS = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
+_STANDARD_FIELDS = (set(vars(logging.LogRecord("", 0, "", 0, "", (), None)))
+                    | {"message", "asctime", "taskName", "color_message"})  # uvicorn's coloured copy
 
 
 class JsonFormatter(logging.Formatter):

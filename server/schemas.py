@@ -23,6 +23,7 @@ FRAME_HEADER = struct.Struct("<4sd")  # magic, timestamp in seconds (float64, li
 
 ErrorCode = Literal[
     "bad_message",  # not JSON, unknown type, a wrong or missing field
+    "bad_request",  # a frame or question the model could not serve (e.g. a compressor refused the frame)
     "bad_frame",  # a binary message that is not header + JPEG/PNG, or a corrupt image
     "bad_timestamp",  # frame time not finite, negative, or not after the previous frame's
     "bad_config",  # a session.start value out of range or unsupported by a live session
