@@ -6,10 +6,15 @@ and attention goes through `kernels.attention`. The weights stay the HF modules'
 checkpoint of a supported family loads with `from_pretrained` and gives the same tokens as
 `model.generate` (tested).
 
-Supported decoder layout (Llama, Qwen2, Qwen3, Mistral): pre-norm blocks with
-`input_layernorm -> self_attn(q/k/v/o_proj, optional q_norm/k_norm) -> residual ->
-post_attention_layernorm -> mlp -> residual`, rotary position embeddings from
-`model.model.rotary_emb`, and a final `norm` + `lm_head`.
+Supported decoder layout (Llama, Qwen2, Qwen3, Mistral, and the language models inside
+Qwen2-VL / Qwen2.5-VL): pre-norm blocks with `input_layernorm -> self_attn(q/k/v/o_proj,
+optional q_norm/k_norm) -> residual -> post_attention_layernorm -> mlp -> residual`, rotary
+position embeddings from `model.model.rotary_emb`, and a final `norm` + `lm_head`.
+
+Two rotary variants: plain RoPE over one position id per token, and Qwen2-VL's multimodal
+RoPE (M-RoPE), whose rotary embedding takes three ids per token (t, h, w) and splits the
+frequencies between them by its `mrope_section`. The runner tells them apart by that
+attribute and keeps positions [L, P] (P = 1 or 3) in the `KVState`.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from kernels.errors import VidsieveError
 from compressors.protocol import LayerObservation, PruneHook
 from vlm.kv import TEXT_FRAME, KVState
 
-SUPPORTED_LM_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_LM_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_vl_text", "qwen2_5_vl_text")
 
 
 class UnsupportedModelError(VidsieveError):
@@ -99,7 +104,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class LMRunner:
-    """Runs a HF causal LM (`*ForCausalLM`) layer by layer over a `KVState`."""
+    """Runs a HF causal LM layer by layer over a `KVState`: a `*ForCausalLM`, or anything shaped
+    like one (`.model` the decoder stack, `.lm_head`, `.config`), e.g. a VLM's language model."""
 
     def __init__(self, causal_lm: torch.nn.Module, attention_spec: AttentionSpec | None = None):
         model_type = getattr(causal_lm.config, "model_type", "?")
@@ -117,6 +123,8 @@ class LMRunner:
         self.num_kv_heads = self.config.num_key_value_heads
         self.head_dim = attn.head_dim
         self.scale = attn.scaling
+        # M-RoPE (Qwen2-VL): three position ids per token, (t, h, w)
+        self.position_dims = 3 if hasattr(self.decoder.rotary_emb, "mrope_section") else 1
         self.attention_spec = attention_spec or AttentionSpec()  # dense unless a spec says otherwise
 
     @property
@@ -138,6 +146,7 @@ class LMRunner:
             head_dim=self.head_dim,
             dtype=self.dtype,
             device=self.device,
+            position_dims=self.position_dims,
             capacity=capacity,
         )
 
@@ -154,23 +163,24 @@ class LMRunner:
     ) -> torch.Tensor:
         """Append L tokens to `state` and return the logits of the last one.
 
-        embeds: [L, D] input embeddings; positions: [L] absolute position ids.
+        embeds: [L, D] input embeddings; positions: [L] absolute position ids, or [L, 3] (t, h, w)
+        for an M-RoPE model ([L] there means text: the same id on all three axes).
         is_visual / frame_index: [L] slot metadata (default: text).
         hook: an in-LLM pruning hook; after its layer, the tokens it drops leave the sequence
         (and every layer's cache), so later layers and decoding never see them.
         Returns logits [V] (float32) for the token after the last input.
         """
         length = embeds.shape[0]
-        positions = positions.to(self.device).long()
+        positions = self._position_ids(positions)  # [L, P]
         if is_visual is None:
             is_visual = torch.zeros(length, dtype=torch.bool)
         if frame_index is None:
             frame_index = torch.full((length,), TEXT_FRAME, dtype=torch.long)
-        slots = state.reserve(positions[:, None], is_visual, frame_index)
-        state.next_position = int(positions.max()) + 1
+        slots = state.reserve(positions, is_visual, frame_index)
+        state.next_position = int(positions.max()) + 1  # M-RoPE too: text resumes after the largest id
 
         hidden = embeds.to(self.dtype).unsqueeze(0)  # [1, L, D]
-        cos, sin = self.decoder.rotary_emb(hidden, positions.unsqueeze(0))  # [1, L, Dh] each
+        cos, sin = self._rotary(hidden, positions)  # [1, L, Dh] each
         for layer_index, layer in enumerate(self.layers):
             observing = hook is not None and layer_index in hook.layers
             wants = hook.wants if observing else None
@@ -198,6 +208,22 @@ class LMRunner:
                     hidden, cos, sin = hidden[:, keep], cos[:, keep], sin[:, keep]
         last = self.decoder.norm(hidden[:, -1:])
         return self.lm.lm_head(last)[0, -1].float()
+
+    def _position_ids(self, positions: torch.Tensor) -> torch.Tensor:
+        """[L] or [L, P] -> [L, P] int64 on the model's device."""
+        positions = positions.to(self.device).long()
+        if positions.dim() == 1:
+            return positions[:, None].expand(-1, self.position_dims)
+        if positions.shape[1] != self.position_dims:
+            raise ValueError(f"this model takes {self.position_dims} position ids per token, got {positions.shape[1]}")
+        return positions
+
+    def _rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [1, L, Dh] for positions [L, P]: the model's own rotary embedding, which for
+        M-RoPE takes ids [3, 1, L] and interleaves the (t, h, w) frequencies by its mrope_section."""
+        if self.position_dims == 1:
+            return self.decoder.rotary_emb(hidden, positions[:, 0].unsqueeze(0))
+        return self.decoder.rotary_emb(hidden, positions.T.unsqueeze(1))
 
     def _attention_block(self, layer, layer_index, hidden, cos, sin, state, slots, *, observe=False):
         attn = layer.self_attn

@@ -120,7 +120,92 @@ class Answer:
     finish_reason: str
 
 
-class VLM(nn.Module):
+class VideoAnswering:
+    """The answering pipeline every model shares: encode -> compress -> prefill -> decode.
+
+    A model provides `encode_frames(frames, timestamps_s) -> VisualTokens`, `prepare(tokens,
+    question, spec) -> PreparedPrompt`, `_prefill_with_carriers(tokens, question, memory)`
+    (VideoScan's frame-by-frame prefill), `runner`, `tokenizer`, `counters` and `folder`.
+    vidsieve-native models (`VLM`) and the Hugging Face adapters (`vlm.adapters`) both do.
+    """
+
+    @property
+    def device(self) -> torch.device:
+        return self.runner.device
+
+    def compressor_state(self, name: str) -> dict[str, torch.Tensor] | None:
+        """Trained weights of a learned compressor shipped beside this model
+        (`<model folder>/compressors/<name>.safetensors`), or None when there are none."""
+        if self.folder is None or not (self.folder / "compressors" / f"{name}.safetensors").is_file():
+            return None
+        return load_file(self.folder / "compressors" / f"{name}.safetensors", device=str(self.device))
+
+    def _compress(self, tokens: VisualTokens, question: str, spec: CompressorSpec,
+                  seed: int) -> tuple[VisualTokens, PruneHook | None]:
+        """The tokens a pre-LLM compressor keeps for `question` (all of them for an in-LLM one),
+        and the prune hook the LM runner should call, if any."""
+        ctx = CompressionContext(question=question, budget=spec.budget, seed=seed, model=self)
+        kept = spec.compressor.compress(tokens, ctx) if spec.compressor.stage == "pre_llm" else tokens
+        hook = spec.compressor.hook(ctx, len(self.runner.layers)) if hasattr(spec.compressor, "hook") else None
+        return kept, hook
+
+    def stream(self, frames: np.ndarray, timestamps_s, question: str, spec: CompressorSpec | str = "none",
+               sampling: SamplingParams | None = None, timings_s: dict | None = None) -> Iterator[int]:
+        """Yield answer token ids as they are produced; `timings_s` gets encode/compress/prefill/generate."""
+        timings = timings_s if timings_s is not None else {}
+        start = time.perf_counter()
+        tokens = self.encode_frames(frames, timestamps_s)
+        timings["encode"] = time.perf_counter() - start
+        yield from self.stream_tokens(tokens, question, spec, sampling, timings)
+
+    def stream_tokens(self, tokens: VisualTokens, question: str, spec: CompressorSpec | str = "none",
+                      sampling: SamplingParams | None = None, timings_s: dict | None = None) -> Iterator[int]:
+        """Like `stream`, from visual tokens already encoded (one encode, many questions)."""
+        spec = parse_spec(spec) if isinstance(spec, str) else spec
+        sampling = sampling or self.default_sampling()
+        timings = timings_s if timings_s is not None else {}
+        start = time.perf_counter()
+        prompt = self.prepare(tokens, question, spec, seed=sampling.seed)
+        timings["compress"] = time.perf_counter() - start
+        start = time.perf_counter()
+        if hasattr(spec.compressor, "new_memory"):  # VideoScan: frame by frame, carriers only
+            state, logits = self._prefill_with_carriers(tokens, question, spec.compressor.new_memory())
+        else:
+            state, logits = self.runner.prefill(prompt.embeds, prompt.positions, is_visual=prompt.is_visual,
+                                                frame_index=prompt.frame_index, hook=prompt.hook)
+        self.counters["full_prefills"] += 1
+        timings["visual_before"], timings["visual_after"] = prompt.visual_before, int(state.is_visual.sum())
+        timings["prefill"] = time.perf_counter() - start
+        start = time.perf_counter()
+        yield from self.runner.decode(state, logits, sampling)
+        timings["generate"] = time.perf_counter() - start
+
+    def answer(self, frames: np.ndarray, timestamps_s, question: str, spec: CompressorSpec | str = "none",
+               sampling: SamplingParams | None = None) -> Answer:
+        """Run the whole pipeline and return the decoded answer with counts and timings."""
+        timings: dict = {"encode": 0.0}
+        start = time.perf_counter()
+        tokens = self.encode_frames(frames, timestamps_s)
+        timings["encode"] = time.perf_counter() - start
+        return self.answer_tokens(tokens, question, spec, sampling, timings)
+
+    def answer_tokens(self, tokens: VisualTokens, question: str, spec: CompressorSpec | str = "none",
+                      sampling: SamplingParams | None = None, timings_s: dict | None = None) -> Answer:
+        """`answer` from visual tokens already encoded."""
+        timings = timings_s if timings_s is not None else {}
+        sampling = sampling or self.default_sampling()
+        ids = list(self.stream_tokens(tokens, question, spec, sampling, timings))
+        finish = "stop" if ids and ids[-1] in sampling.stop_token_ids else "length"
+        before, after = timings.pop("visual_before"), timings.pop("visual_after")
+        text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        return Answer(text, ids, before, after, timings, finish)
+
+    def default_sampling(self, max_new_tokens: int = 32) -> SamplingParams:
+        """Greedy, stopping at the tokenizer's EOS."""
+        return SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=(self.tokenizer.eos_token_id,))
+
+
+class VLM(VideoAnswering, nn.Module):
     """A vidsieve-native video-language model (vidsieve-tiny and friends)."""
 
     def __init__(self, config: VLMConfig, tokenizer: PreTrainedTokenizerFast):
@@ -149,9 +234,18 @@ class VLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, *, device: str | None = None, dtype: str | None = None,
-                        attention: str = "dense") -> "VLM":
-        """Load a folder, preset or hub id. `attention` is a spec such as `bra:topk=8,block=64`."""
+                        attention: str = "dense") -> "VideoAnswering":
+        """Load a folder, preset or hub id. `attention` is a spec such as `bra:topk=8,block=64`.
+
+        A Hugging Face checkpoint of a supported family (LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL,
+        SmolVLM2) loads through its adapter in `vlm.adapters`, chosen by the config's model_type.
+        """
         spec = AttentionSpec.parse(attention)
+        model_type = read_model_type(name_or_path)
+        if model_type != NATIVE_MODEL_TYPE:
+            from vlm.adapters import load_adapter
+
+            return load_adapter(model_type, name_or_path, device=device, dtype=dtype, attention=spec)
         folder = resolve_model_folder(name_or_path)
         target = resolve_device(device)
         if folder is None:  # a preset with no embedded weights: random init, flagged untrained
@@ -187,17 +281,6 @@ class VLM(nn.Module):
 
     # --- the pipeline -----------------------------------------------------------------------
 
-    @property
-    def device(self) -> torch.device:
-        return self.runner.device
-
-    def compressor_state(self, name: str) -> dict[str, torch.Tensor] | None:
-        """Trained weights of a learned compressor shipped beside this model
-        (`<model folder>/compressors/<name>.safetensors`), or None when there are none."""
-        if self.folder is None or not (self.folder / "compressors" / f"{name}.safetensors").is_file():
-            return None
-        return load_file(self.folder / "compressors" / f"{name}.safetensors", device=str(self.device))
-
     def question_state(self, text: str) -> torch.Tensor:
         """The LM's last-layer hidden state [D] at the last token of a text-only pass over
         `text` (QueCC's query conditioning)."""
@@ -227,9 +310,7 @@ class VLM(nn.Module):
 
     def prepare(self, tokens: VisualTokens, question: str, spec: CompressorSpec, *, seed: int = 0) -> PreparedPrompt:
         """Compress visual tokens for `question` and lay out the whole prompt around them."""
-        ctx = CompressionContext(question=question, budget=spec.budget, seed=seed, model=self)
-        kept = spec.compressor.compress(tokens, ctx) if spec.compressor.stage == "pre_llm" else tokens
-        hook = spec.compressor.hook(ctx, len(self.runner.layers)) if hasattr(spec.compressor, "hook") else None
+        kept, hook = self._compress(tokens, question, spec, seed)
         prefix_ids, suffix_ids = self._prompt_ids(question)
         video = self._layout(prefix_ids, kept, torch.arange(len(prefix_ids)))
         after_video = len(prefix_ids) + tokens.span_length
@@ -315,67 +396,13 @@ class VLM(nn.Module):
             frame_index.append(visual.frame_index.cpu())
         return torch.cat(embeds), torch.cat(positions), torch.cat(is_visual), torch.cat(frame_index)
 
-    def stream(self, frames: np.ndarray, timestamps_s, question: str, spec: CompressorSpec | str = "none",
-               sampling: SamplingParams | None = None, timings_s: dict | None = None) -> Iterator[int]:
-        """Yield answer token ids as they are produced; `timings_s` gets encode/compress/prefill/generate."""
-        timings = timings_s if timings_s is not None else {}
-        start = time.perf_counter()
-        tokens = self.encode_frames(frames, timestamps_s)
-        timings["encode"] = time.perf_counter() - start
-        yield from self.stream_tokens(tokens, question, spec, sampling, timings)
-
-    def stream_tokens(self, tokens: VisualTokens, question: str, spec: CompressorSpec | str = "none",
-                      sampling: SamplingParams | None = None, timings_s: dict | None = None) -> Iterator[int]:
-        """Like `stream`, from visual tokens already encoded (one encode, many questions)."""
-        spec = parse_spec(spec) if isinstance(spec, str) else spec
-        sampling = sampling or self.default_sampling()
-        timings = timings_s if timings_s is not None else {}
-        start = time.perf_counter()
-        prompt = self.prepare(tokens, question, spec, seed=sampling.seed)
-        timings["compress"] = time.perf_counter() - start
-        start = time.perf_counter()
-        if hasattr(spec.compressor, "new_memory"):  # VideoScan: frame by frame, carriers only
-            state, logits = self._prefill_with_carriers(tokens, question, spec.compressor.new_memory())
-        else:
-            state, logits = self.runner.prefill(prompt.embeds, prompt.positions, is_visual=prompt.is_visual,
-                                                frame_index=prompt.frame_index, hook=prompt.hook)
-        self.counters["full_prefills"] += 1
-        timings["visual_before"], timings["visual_after"] = prompt.visual_before, int(state.is_visual.sum())
-        timings["prefill"] = time.perf_counter() - start
-        start = time.perf_counter()
-        yield from self.runner.decode(state, logits, sampling)
-        timings["generate"] = time.perf_counter() - start
-
-    def answer(self, frames: np.ndarray, timestamps_s, question: str, spec: CompressorSpec | str = "none",
-               sampling: SamplingParams | None = None) -> Answer:
-        """Run the whole pipeline and return the decoded answer with counts and timings."""
-        timings: dict = {"encode": 0.0}
-        start = time.perf_counter()
-        tokens = self.encode_frames(frames, timestamps_s)
-        timings["encode"] = time.perf_counter() - start
-        return self.answer_tokens(tokens, question, spec, sampling, timings)
-
-    def answer_tokens(self, tokens: VisualTokens, question: str, spec: CompressorSpec | str = "none",
-                      sampling: SamplingParams | None = None, timings_s: dict | None = None) -> Answer:
-        """`answer` from visual tokens already encoded."""
-        timings = timings_s if timings_s is not None else {}
-        sampling = sampling or self.default_sampling()
-        ids = list(self.stream_tokens(tokens, question, spec, sampling, timings))
-        finish = "stop" if ids and ids[-1] in sampling.stop_token_ids else "length"
-        before, after = timings.pop("visual_before"), timings.pop("visual_after")
-        text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
-        return Answer(text, ids, before, after, timings, finish)
-
-    def default_sampling(self, max_new_tokens: int = 32) -> SamplingParams:
-        """Greedy, stopping at the tokenizer's EOS."""
-        return SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=(self.tokenizer.eos_token_id,))
-
     def _ids(self, text: str) -> torch.Tensor:
         return self.tokenizer(text.strip(), add_special_tokens=False, return_tensors="pt").input_ids[0]
 
 
-def resolve_model_folder(name_or_path: str | Path) -> Path | None:
-    """A folder holding config.json, or None for a preset without embedded weights."""
+def resolve_model_folder(name_or_path: str | Path, *, config_only: bool = False) -> Path | None:
+    """A folder holding config.json, or None for a preset without embedded weights.
+    `config_only`: of a hub repo, fetch config.json alone."""
     path = Path(name_or_path)
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -390,13 +417,24 @@ def resolve_model_folder(name_or_path: str | Path) -> Path | None:
     if path.suffix or name.startswith((".", "/")) or name.count("/") != 1:
         raise UnknownModelError(f"unknown model {name!r}: not a folder, not a preset "
                                 f"({', '.join(sorted(PRESETS))}) and not a hub id (owner/name)")
-    return download_from_hub(name)
+    return download_from_hub(name, config_only=config_only)
 
 
-def download_from_hub(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
+def read_model_type(name_or_path: str | Path) -> str | None:
+    """The model_type a folder, preset or hub id declares ("vidsieve" for presets); of a hub
+    repo only config.json is fetched here."""
+    folder = resolve_model_folder(name_or_path, config_only=True)
+    if folder is None:
+        return NATIVE_MODEL_TYPE
+    return json.loads((folder / "config.json").read_text()).get("model_type")
+
+
+def download_from_hub(repo_id: str, *, config_only: bool = False) -> Path:
+    from huggingface_hub import hf_hub_download, snapshot_download
 
     try:
+        if config_only:
+            return Path(hf_hub_download(repo_id, "config.json")).parent
         return Path(snapshot_download(repo_id))
     except Exception as error:  # offline, missing repo, auth: all mean "cannot load"
         raise UnknownModelError(f"cannot load model {repo_id!r} from the Hugging Face hub: "

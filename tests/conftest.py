@@ -1,0 +1,21 @@
+"""Process-wide test setup.
+
+Triton reads TRITON_INTERPRET when it is first imported, and other libraries (transformers,
+Ray) may import it before the Triton kernel tests run: set it before anything else so the
+kernel tests always run under the interpreter on a machine without CUDA.
+"""
+
+import os
+import shutil
+import subprocess
+
+
+def _has_cuda_device() -> bool:
+    nvidia_smi = shutil.which("nvidia-smi")
+    if nvidia_smi is None:
+        return False
+    return subprocess.run([nvidia_smi, "-L"], capture_output=True).returncode == 0
+
+
+if not _has_cuda_device():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
