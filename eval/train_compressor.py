@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from compressors import Budget, CompressorSpec, VisualTokens, parse_spec
 from eval import shapesworld as sw
-from eval.train_tiny import answer_loss, set_lr
+from eval.train_tiny import answer_loss, optimizer_step
 from kernels.errors import VidsieveError
 from vlm.model import VLM
 
@@ -97,11 +97,7 @@ def train_compressor(
                 sequences.append((prompt, answer_ids))
         index += config.clips_per_step
         loss, accuracy = answer_loss(model, sequences)
-        set_lr(optimizer, config.lr, 1 - (deadline - time.monotonic()) / total_s)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
+        optimizer_step(optimizer, parameters, loss, config.lr, 1 - (deadline - time.monotonic()) / total_s)
         step += 1
         config.log.append({"step": step, "clips": index, "loss": loss.item(), "train_acc": accuracy})
         if step % config.report_every == 0:

@@ -146,12 +146,7 @@ def train_perception(model: VLM, config: TrainConfig, report: Callable[[str], No
                                         weight=DOT_CLASS_WEIGHTS if name == "dot" else None)
                   for name, values in targets.items()}
         loss = sum(losses.values())
-        progress = 1 - (deadline - time.monotonic()) / total_s
-        set_lr(optimizer, config.perception_lr, progress)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        optimizer_step(optimizer, params, loss, config.perception_lr, 1 - (deadline - time.monotonic()) / total_s)
         step += 1
         if step % 50 == 0:
             with torch.no_grad():
@@ -169,6 +164,16 @@ def patch_accuracy(logits: torch.Tensor, targets: list[np.ndarray]) -> float:
     target = torch.from_numpy(np.concatenate(targets)).long()
     mask = target != 0
     return float((logits.argmax(-1)[mask] == target[mask]).float().mean()) if mask.any() else 1.0
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, params: list, loss: torch.Tensor, peak_lr: float,
+                   progress: float) -> None:
+    """One update at the scheduled learning rate, gradients clipped to norm 1."""
+    set_lr(optimizer, peak_lr, progress)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
 
 
 def set_lr(optimizer: torch.optim.Optimizer, peak: float, progress: float) -> None:
@@ -213,11 +218,7 @@ def train_qa(model: VLM, config: TrainConfig, report: Callable[[str], None]) -> 
             packed.append(pack_clip(model, kept, tokens.span_length, [q.text for q in questions], answers))
             seen += len(questions)
         loss, accuracy = packed_answer_loss(model, packed)
-        set_lr(optimizer, config.qa_lr, 1 - (deadline - time.monotonic()) / total_s)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        optimizer_step(optimizer, params, loss, config.qa_lr, 1 - (deadline - time.monotonic()) / total_s)
         step += 1
         if step % 25 == 0:
             report(f"qa step {step} clips {index} questions {seen} loss {loss.item():.3f} "

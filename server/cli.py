@@ -58,14 +58,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_plan_arguments(annotate)
     annotate.set_defaults(handler=run_annotate)
 
-    train = commands.add_parser("train", help="train vidsieve-tiny (or, later, a learned compressor) on ShapesWorld")
-    train.add_argument("what", choices=["tiny"], help="what to train")
-    train.add_argument("--out", type=Path, required=True, help="folder to save the model into")
-    train.add_argument("--perception-minutes", type=float, default=10.0)
-    train.add_argument("--qa-minutes", type=float, default=60.0)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
-    train.set_defaults(handler=run_train)
+    train = commands.add_parser("train", help="train vidsieve-tiny, or a learned compressor on top of it, on ShapesWorld")
+    trains = train.add_subparsers(dest="what", required=True)
+    compressor = trains.add_parser("compressor", help="a learned compressor (hicom, quecc) on the frozen model")
+    compressor.add_argument("name", help="the compressor to train")
+    compressor.add_argument("--model", default=DEFAULT_MODEL, help="folder of the frozen model (weights saved beside it)")
+    compressor.add_argument("--minutes", type=float, default=30.0)
+    compressor.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    compressor.set_defaults(handler=run_train_compressor)
+    tiny = trains.add_parser("tiny", help="vidsieve-tiny from scratch")
+    tiny.add_argument("--out", type=Path, required=True, help="folder to save the model into")
+    tiny.add_argument("--perception-minutes", type=float, default=10.0)
+    tiny.add_argument("--qa-minutes", type=float, default=60.0)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    tiny.set_defaults(handler=run_train)
 
     bench = commands.add_parser("bench", help="benchmarks (accuracy, ...)")
     benches = bench.add_subparsers(dest="bench", required=True)
@@ -194,6 +201,25 @@ def run_train(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     config = TrainConfig(perception_minutes=args.perception_minutes, qa_minutes=args.qa_minutes, seed=args.seed)
     train_tiny(args.out, config, report=lambda line: print(line, flush=True))
+    return EXIT_OK
+
+
+def run_train_compressor(args: argparse.Namespace) -> int:
+    import torch
+
+    from eval.train_compressor import train_compressor
+    from vlm.model import VLM
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    spec = parse_spec(args.name)
+    if not spec.compressor.trainable:
+        raise VidsieveError(f"compressor {spec.name!r} has no weights to train; trainable: "
+                            + ", ".join(info.name for info in list_compressors() if info.trainable))
+    model = VLM.from_pretrained(args.model, device="cpu")
+    if model.folder is None:
+        raise VidsieveError(f"{args.model!r} has no folder to save compressor weights beside; train or save it first")
+    train_compressor(model, spec.name, args.minutes, report=lambda line: print(line, flush=True))
     return EXIT_OK
 
 

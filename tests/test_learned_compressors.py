@@ -201,3 +201,15 @@ def test_training_steps_update_only_the_compressor_and_the_weights_reload(tiny_f
     model.prepare(tokens, "what colour is the circle ?", per_frame)
     for key, value in fresh.compressor.module.state_dict().items():
         assert torch.equal(value, shipped[key]), key
+
+
+def test_train_compressor_command_saves_weights_beside_the_model_and_refuses_untrainable(tmp_path, capsys):
+    from server.cli import main
+    from vlm.model import VLM, VLMConfig
+
+    VLM.from_config(VLMConfig.from_name("vidsieve-tiny")).save_pretrained(tmp_path)
+    assert main(["train", "compressor", "single-token", "--model", str(tmp_path), "--minutes", "0.02"]) == 0
+    assert (tmp_path / "compressors" / "quecc.safetensors").is_file()
+    assert VLM.from_pretrained(tmp_path).compressor_state("quecc")
+    assert main(["train", "compressor", "random", "--model", str(tmp_path)]) == 2
+    assert "no weights to train" in capsys.readouterr().err
