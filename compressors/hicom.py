@@ -31,16 +31,14 @@ from compressors.learned import (
     AttentionPool,
     CellGrid,
     FiLM,
-    build_module,
     budget_is_set,
     cell_count,
     cell_mean,
     cell_of_tokens,
     head_count,
     largest_cell_grid,
-    module_on,
+    module_and_question,
     present_cells,
-    question_vector,
     sincos_3d,
     tokens_at,
     trainable_input,
@@ -152,11 +150,7 @@ class HiCom:
     def compress(self, tokens: VisualTokens, ctx: CompressionContext) -> VisualTokens:
         if len(tokens) == 0:
             return tokens
-        guide = question_vector(ctx, self.name, self.question_source)  # [G]
-        widths = (tokens.dim, guide.numel())
-        if self.module is None or self.module.widths != widths:
-            self.module = build_module(self.name, lambda: self.new_module(*widths), ctx)
-        module = module_on(self.module, tokens.embeds)
+        module, guide = module_and_question(self, tokens, ctx)  # guide: [G]
         cells, num_global = self.output_shape(
             tokens.grid_thw, ctx.budget, len(tokens), tokens.num_frames
         )

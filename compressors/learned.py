@@ -249,6 +249,17 @@ def build_module(
     return module
 
 
+def module_and_question(compressor, tokens: VisualTokens, ctx: CompressionContext) -> tuple[nn.Module, torch.Tensor]:
+    """A learned compressor's module for these tokens (built on first use, or again when the
+    widths change, then moved to the tokens' device and dtype) and the question vector it is
+    conditioned on (from `ctx.model.<compressor.question_source>`)."""
+    question = question_vector(ctx, compressor.name, compressor.question_source)
+    widths = (tokens.dim, question.numel())
+    if compressor.module is None or compressor.module.widths != widths:
+        compressor.module = build_module(compressor.name, lambda: compressor.new_module(*widths), ctx)
+    return module_on(compressor.module, tokens.embeds), question
+
+
 def module_on(module: nn.Module, like: torch.Tensor) -> nn.Module:
     """The module moved (in place) to the device and floating dtype of `like`."""
     parameter = next(module.parameters())

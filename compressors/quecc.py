@@ -25,15 +25,13 @@ from compressors.context import CompressionContext
 from compressors.learned import (
     AttentionPool,
     CellGrid,
-    build_module,
     budget_is_set,
     cell_mean,
     cell_of_tokens,
     head_count,
     largest_cell_grid,
-    module_on,
+    module_and_question,
     present_cells,
-    question_vector,
     tokens_at,
     trainable_input,
 )
@@ -128,10 +126,6 @@ class QueCC:
     def compress(self, tokens: VisualTokens, ctx: CompressionContext) -> VisualTokens:
         if len(tokens) == 0:
             return tokens
-        question = question_vector(ctx, self.name, self.question_source)  # [Dq]
-        widths = (tokens.dim, question.numel())
-        if self.module is None or self.module.widths != widths:
-            self.module = build_module(self.name, lambda: self.new_module(*widths), ctx)
-        module = module_on(self.module, tokens.embeds)
+        module, question = module_and_question(self, tokens, ctx)  # question: [Dq]
         cells = self.cell_grid(tokens.grid_thw, ctx.budget, len(tokens), tokens.num_frames)
         return module(tokens, question, cells)

@@ -27,7 +27,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from compressors import CompressionContext, parse_spec
+from compressors import parse_spec
 from kernels.errors import VidsieveError
 from streaming import SamplingPlan, open_video
 from vlm.encoder import PatchReuseEncoder
@@ -197,7 +197,7 @@ def run_accuracy(model, items: list[QAItem], specs: list[str], *, plan: Sampling
                    if reuse.patches else None)
         tokens = model.encode_frames(np.stack([f.rgb for f in clip]), [f.timestamp_s for f in clip], encoder)
         prefilled = {spec.text: model.prefill_video(tokens, spec) for spec in parsed
-                     if reuse.kv and kv_reusable(model, spec)}
+                     if reuse.kv and model.shares_video_kv(spec)}
         for item in video_items:
             prompt = options_prompt(item) if with_options else item.question
             for spec in parsed:
@@ -217,15 +217,6 @@ def run_accuracy(model, items: list[QAItem], specs: list[str], *, plan: Sampling
             if progress:
                 progress.update(1)
     return results
-
-
-def kv_reusable(model, spec) -> bool:
-    """Whether one prefill of a video can serve every question under this spec."""
-    compressor = spec.compressor
-    if compressor.stage != "pre_llm" or compressor.uses_question:
-        return False
-    return not hasattr(compressor, "hook") or compressor.hook(CompressionContext(budget=spec.budget),
-                                                              len(model.runner.layers)) is None
 
 
 def answer_from(model, video, prompt: str, sampling, timings: dict) -> SimpleNamespace:

@@ -28,7 +28,7 @@ from typing import Protocol
 
 from kernels import AttentionSpec
 from kernels.errors import VidsieveError
-from streaming.session import ErrorEvent, Event, SessionError
+from streaming.session import DrainingError, ErrorEvent, Event, SessionError
 from vlm.model import VideoAnswering
 
 log = logging.getLogger("vidsieve.engine")
@@ -38,10 +38,6 @@ class EngineFullError(SessionError):
     """Every session slot is taken; try again later."""
 
     code = "server_full"
-
-
-class EngineStoppedError(SessionError):
-    code = "shutting_down"
 
 
 @dataclass(frozen=True)
@@ -122,7 +118,7 @@ class Engine:
         """Add a job built by the caller (a `Session` or a `ClipAnswer`), or raise when full."""
         with self._wake:
             if self.draining or self._stopping:
-                raise EngineStoppedError("the server is shutting down; no new sessions")
+                raise DrainingError("the server is shutting down; no new sessions")
             if len(self._jobs) >= self.config.max_sessions:
                 raise EngineFullError(f"all {self.config.max_sessions} sessions are in use; try again shortly")
             self._jobs.append(job)

@@ -9,6 +9,8 @@ import os
 import shutil
 import subprocess
 
+import pytest
+
 
 def _has_cuda_device() -> bool:
     nvidia_smi = shutil.which("nvidia-smi")
@@ -19,3 +21,15 @@ def _has_cuda_device() -> bool:
 
 if not _has_cuda_device():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="module")
+def demo_url():
+    """The Gradio demo served in-process on a free loopback port (tests of the demo share it)."""
+    from eval.demo_screenshot import free_port
+    from server.demo import build_demo, launch_demo
+
+    blocks = launch_demo(build_demo(), port=free_port(), block=False)
+    yield blocks.local_url
+    blocks.close()
+    blocks.handlers.close()

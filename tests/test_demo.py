@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import sys
 from pathlib import Path
 
@@ -13,27 +12,13 @@ pytest.importorskip("gradio", reason="the demo extra is not installed (pip insta
 gradio_client = pytest.importorskip("gradio_client", reason="gradio_client is not installed (pip install vidsieve[dev])")
 
 from compressors import list_compressors, parse_spec  # noqa: E402
-from server.demo import Demo, DemoInputError, bundled_examples, build_demo, kept_tokens, launch_demo, read_clip  # noqa: E402
+from server.demo import Demo, DemoInputError, bundled_examples, kept_tokens, read_clip  # noqa: E402
 from streaming import open_video  # noqa: E402
 from streaming.session import SessionConfigError  # noqa: E402
 from vlm.model import EMBEDDED_WEIGHTS, VLM  # noqa: E402
 
 TRAINED_WEIGHTS = EMBEDDED_WEIGHTS / "vidsieve-tiny" / "model.safetensors"
 EXAMPLE = bundled_examples()[0]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def demo_url():
-    blocks = launch_demo(build_demo(), port=free_port(), block=False)
-    yield blocks.local_url
-    blocks.close()
-    blocks.handlers.close()
 
 
 @pytest.fixture(scope="module")
@@ -144,8 +129,10 @@ def test_live_feed_takes_webcam_frames_of_any_size_and_refuses_question_aware_co
 
 
 def test_demo_without_gradio_names_the_extra_to_install(monkeypatch):
+    from eval.demo_screenshot import free_port
     from kernels.errors import VidsieveError
     from server.cli import main
+    from server.demo import build_demo
 
     monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio now raises ImportError
     with pytest.raises(VidsieveError, match=r"pip install vidsieve\[demo\]"):

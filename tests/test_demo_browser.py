@@ -8,8 +8,8 @@ import pytest
 pytest.importorskip("gradio", reason="the demo extra is not installed (pip install vidsieve[demo])")
 pytest.importorskip("playwright", reason="playwright is not installed (pip install vidsieve[dev])")
 
-from eval.demo_screenshot import CHROMIUM, free_port, launch_chromium, run_example  # noqa: E402
-from server.demo import build_demo, bundled_examples, launch_demo  # noqa: E402
+from eval.demo_screenshot import CHROMIUM, launch_chromium, run_example  # noqa: E402
+from server.demo import bundled_examples  # noqa: E402
 from streaming import open_video  # noqa: E402
 from vlm.model import VLM  # noqa: E402
 
@@ -18,14 +18,6 @@ pytestmark = [
     pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"Debian chromium is not installed ({CHROMIUM} is missing; "
                        "`make setup` installs it with apt-get install chromium where apt is available)"),
 ]
-
-
-@pytest.fixture(scope="module")
-def demo_url():
-    blocks = launch_demo(build_demo(), port=free_port(), block=False)
-    yield blocks.local_url
-    blocks.close()
-    blocks.handlers.close()
 
 
 def test_browser_runs_an_example_and_shows_the_streamed_answer_and_the_overlay(demo_url, tmp_path):

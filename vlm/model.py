@@ -200,6 +200,15 @@ class VideoAnswering:
         text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
         return Answer(text, ids, before, after, timings, finish)
 
+    def shares_video_kv(self, spec: CompressorSpec) -> bool:
+        """Whether one prefill of a video can serve every question under `spec`: a pre-LLM
+        compressor that neither reads the question nor prunes inside the LM."""
+        compressor = spec.compressor
+        if compressor.stage != "pre_llm" or compressor.uses_question:
+            return False
+        ctx = CompressionContext(budget=spec.budget, model=self)
+        return not hasattr(compressor, "hook") or compressor.hook(ctx, len(self.runner.layers)) is None
+
     def default_sampling(self, max_new_tokens: int = 32) -> SamplingParams:
         """Greedy, stopping at the tokenizer's EOS."""
         return SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=(self.tokenizer.eos_token_id,))
@@ -326,8 +335,7 @@ class VLM(VideoAnswering, nn.Module):
         """
         spec = parse_spec(spec) if isinstance(spec, str) else spec
         ctx = CompressionContext(question="", budget=spec.budget, seed=seed, model=self)
-        hook = spec.compressor.hook(ctx, len(self.runner.layers)) if hasattr(spec.compressor, "hook") else None
-        if spec.compressor.uses_question or spec.compressor.stage != "pre_llm" or hook is not None:
+        if not self.shares_video_kv(spec):
             raise VidsieveError(f"compressor {spec.name!r} depends on the question or acts inside the LM, so a "
                                 f"video's KV cannot be reused across questions; answer each with its own prefill")
         if not self.config.chat_template.split("{video}")[1].lstrip().startswith("{question}"):
