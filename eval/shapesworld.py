@@ -3,7 +3,7 @@
 A clip shows 2-5 flat shapes on a dark background. Each object is a shape x colour x size,
 moves in a straight line (left, right, up, down) or stays still, may appear late or leave
 early, may pass under a bigger object (occlusion, by depth order), and may carry a fine
-detail: a 2-3 px dot of another colour at its centre, visible only at full resolution.
+detail: a 3-5 px dot of another colour at its centre, visible only at full resolution.
 
 Every question is computed from the scene state (`Scene`), never from pixels, and is
 answered by one word chosen from multiple-choice candidates. The set is built so that a model
@@ -135,8 +135,10 @@ class ShapesWorldConfig:
 
     @property
     def dot_size_px(self) -> int:
-        """Side of the square fine-detail dot: 3 px at 128 px frames, 2 px at 64 px."""
-        return 3 if self.frame_size_px >= 96 else 2
+        """Side of the square fine-detail dot: 5 px at 128 px frames, 3 px at 64 px (a fifth to
+        a third of a 16 px patch: small enough that pooling tokens loses it, big enough that a
+        patch embedding can see it)."""
+        return 5 if self.frame_size_px >= 96 else 3
 
 
 PRESETS = {
@@ -808,7 +810,7 @@ def iter_samples(
 def write_mp4(frames: np.ndarray, path: str | Path, fps: int) -> None:
     """Encode uint8 [T, H, W, 3] frames as lossless H.264 (libx264, qp 0, yuv444p).
 
-    Lossless because the fine-detail dot is 3x3 px: 4:2:0 chroma or a lossy rate would blur
+    Lossless because the fine-detail dot is 5x5 px: 4:2:0 chroma or a lossy rate would blur
     its colour. Flat shapes on a flat background keep the files small (~3-10 KB a clip)."""
     import av  # PyAV; imported here so scene generation and training need no codec
 

@@ -5,24 +5,31 @@ Real VLMs are trained in stages, and a synthetic world gives dense labels for fr
 1. Perception. The vision tower alone learns, for every 16x16 patch of every frame, the
    colour, shape and size of the object covering most of it and the colour of a fine-detail
    dot inside it. Targets are per patch and come from the scene state, so tokens stay local:
-   nothing rewards smearing the scene into every patch.
+   nothing rewards smearing the scene into every patch. Fresh clips every step.
 2. Question answering. With the tower frozen, the projector (patch merge, where/when
    embeddings) and the language model learn to answer ShapesWorld questions. Each clip's
    visual tokens go through a randomly chosen compressor first (random drops, pooling,
    frame subsets), so the model is robust to missing tokens as real VLMs are to variable
    frame counts and resolutions; about a third of clips keep every token.
 
-Clips are generated on the fly (about 200 clips/s), so the model never sees a clip twice.
-`vidsieve train tiny --out FOLDER` runs both stages and saves through `save_pretrained`.
+   QA clips are rendered and encoded by the frozen tower once (`ClipPool`) and revisited
+   over several epochs, each visit under a fresh augmentation.
+
+Every stage is counted in steps and seeded, so the same command is the same run on a CPU or
+a GPU; worker processes render clips beside the training loop. `vidsieve train tiny --out
+FOLDER` runs both stages and saves through `save_pretrained` at every validation pass.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import random
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compressors import CompressionContext, VisualTokens, parse_spec
+from compressors import CompressionContext, CompressorSpec, VisualTokens, parse_spec
 from eval import shapesworld as sw
 from vlm.model import VLM, VLMConfig
 from vlm.tokenizer import build_word_tokenizer
@@ -46,16 +53,21 @@ AUGMENTATIONS = (
 
 @dataclass
 class TrainConfig:
-    perception_minutes: float = 10.0
-    qa_minutes: float = 60.0
+    """Every stage is counted in steps, so a run is the same run on any machine (CPU or GPU)."""
+
+    perception_steps: int = 2000
     perception_clips_per_step: int = 4  # x 16 frames
     perception_lr: float = 2e-3
+    qa_pool_clips: int = 20_000  # rendered and put through the frozen tower once, then reused
+    qa_steps: int = 7000
     qa_clips_per_step: int = 24  # every question of each clip is asked (packed, see PackedClip)
     qa_lr: float = 1.5e-3
     weight_decay: float = 0.01
     seed: int = 0
-    eval_every_s: float = 600.0
-    eval_clips: int = 60
+    eval_every: int = 500  # QA steps between validation passes (and checkpoints)
+    eval_clips: int = 120
+    device: str = "cpu"
+    workers: int = 1  # processes that render clips beside the training loop (0: render inline)
     log: list = field(default_factory=list)
 
 
@@ -121,49 +133,51 @@ def patch_targets(scene: sw.Scene, object_ids: np.ndarray, patch_px: int) -> dic
     return targets
 
 
-def train_perception(model: VLM, config: TrainConfig, report: Callable[[str], None]) -> None:
+def perception_batch(first_index: int, clips: int, patch_px: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Frames [clips*T, H, W, 3] of training clips first_index.. and their per-patch targets."""
+    frames, targets = [], {"colour": [], "shape": [], "size": [], "dot": []}
+    for index in range(first_index, first_index + clips):
+        scene, _ = sw.scene_and_questions("train", index)
+        rgb, object_ids = sw.render_with_labels(scene)
+        frames.append(rgb)
+        for name, value in patch_targets(scene, object_ids, patch_px).items():
+            targets[name].append(value)
+    return np.concatenate(frames), {name: np.concatenate(values) for name, values in targets.items()}
+
+
+def train_perception(model: VLM, config: TrainConfig, report: Callable[[str], None], pool=None) -> None:
     encoder = model.encoder.train()
-    heads = PerceptionHeads(encoder.width)
+    device = model.device
+    heads = PerceptionHeads(encoder.width).to(device)
     params = list(encoder.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.perception_lr, weight_decay=config.weight_decay)
-    deadline = time.monotonic() + 60 * config.perception_minutes
-    total_s = 60 * config.perception_minutes
-    step, index = 0, 0
-    while time.monotonic() < deadline:
-        frames, targets = [], {"colour": [], "shape": [], "size": [], "dot": []}
-        for _ in range(config.perception_clips_per_step):
-            scene, _ = sw.scene_and_questions("train", index)
-            index += 1
-            rgb, object_ids = sw.render_with_labels(scene)
-            frames.append(rgb)
-            for name, value in patch_targets(scene, object_ids, encoder.patch_size).items():
-                targets[name].append(value)
-        pixels = encoder.preprocess(np.concatenate(frames))
-        tokens = encoder(pixels)  # [B*T, G, G, width]
+    dot_weights = DOT_CLASS_WEIGHTS.to(device)
+    n = config.perception_clips_per_step
+    batches = prefetch(pool, perception_batch, ((step * n, n, encoder.patch_size) for step in range(config.perception_steps)))
+    correct = {name: 0 for name in ("colour", "shape", "size", "dot")}
+    counted = dict(correct)
+    for step, (frames, targets) in enumerate(batches, start=1):
+        tokens = encoder(encoder.preprocess(frames))  # [B*T, G, G, width]
+        labels = {name: torch.from_numpy(value).long().to(device) for name, value in targets.items()}
+        logits = {name: getattr(heads, name)(tokens) for name in labels}
         # Dots cover one patch in hundreds: weight their classes up so "no dot" cannot win by default.
-        losses = {name: F.cross_entropy(getattr(heads, name)(tokens).flatten(0, 2),
-                                        torch.from_numpy(np.concatenate(values)).flatten().long(),
-                                        weight=DOT_CLASS_WEIGHTS if name == "dot" else None)
-                  for name, values in targets.items()}
+        losses = {name: F.cross_entropy(logits[name].flatten(0, 2), label.flatten(),
+                                        weight=dot_weights if name == "dot" else None)
+                  for name, label in labels.items()}
         loss = sum(losses.values())
-        optimizer_step(optimizer, params, loss, config.perception_lr, 1 - (deadline - time.monotonic()) / total_s)
-        step += 1
-        if step % 50 == 0:
-            with torch.no_grad():
-                dot_hits = patch_accuracy(heads.dot(tokens), targets["dot"])
-                colour_hits = patch_accuracy(heads.colour(tokens), targets["colour"])
-            report(f"perception step {step} clips {index} loss {loss.item():.3f} "
-                   f"object-colour acc {colour_hits:.3f} dot acc {dot_hits:.3f}")
-            config.log.append({"stage": "perception", "step": step, "clips": index, "loss": loss.item(),
-                               "colour_acc": colour_hits, "dot_acc": dot_hits})
+        optimizer_step(optimizer, params, loss, config.perception_lr, step / config.perception_steps)
+        for name, label in labels.items():  # accuracy on patches with something to predict
+            mask = label != 0
+            correct[name] += int((logits[name].argmax(-1)[mask] == label[mask]).sum())
+            counted[name] += int(mask.sum())
+        if step % 100 == 0 or step == config.perception_steps:
+            hits = {name: correct[name] / max(counted[name], 1) for name in correct}
+            report(f"perception step {step}/{config.perception_steps} loss {loss.item():.3f} accuracy since last report: "
+                   + " ".join(f"{name} {value:.3f}" for name, value in hits.items()))
+            config.log.append({"stage": "perception", "step": step, "loss": loss.item(),
+                               **{f"{name}_acc": value for name, value in hits.items()}})
+            correct, counted = {name: 0 for name in correct}, {name: 0 for name in correct}
     encoder.eval()
-
-
-def patch_accuracy(logits: torch.Tensor, targets: list[np.ndarray]) -> float:
-    """Accuracy over patches that have something to predict (target != 0)."""
-    target = torch.from_numpy(np.concatenate(targets)).long()
-    mask = target != 0
-    return float((logits.argmax(-1)[mask] == target[mask]).float().mean()) if mask.any() else 1.0
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, params: list, loss: torch.Tensor, peak_lr: float,
@@ -186,53 +200,115 @@ def set_lr(optimizer: torch.optim.Optimizer, peak: float, progress: float) -> No
 
 # --- stage 2: question answering ------------------------------------------------------------
 
-def train_qa(model: VLM, config: TrainConfig, report: Callable[[str], None]) -> None:
+QA_FIRST_CLIP = 10_000_000  # QA clips come from a different range of training seeds than perception's
+
+
+@dataclass
+class ClipPool:
+    """Clips rendered once and put through the frozen tower once; QA steps draw from it.
+
+    The tower is two thirds of a QA step's cost when clips are fresh, so encoding each clip
+    once and revisiting it under different augmentations is several times cheaper."""
+
+    features: torch.Tensor  # [clips, T, G, G, width] float16, on the model's device
+    questions: list[list[sw.Question]]
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+
+def render_clip(split: str, index: int) -> tuple[np.ndarray, list[sw.Question]]:
+    scene, questions = sw.scene_and_questions(split, index)
+    return sw.render(scene), questions
+
+
+@torch.no_grad()
+def encode_pool(model: VLM, split: str, first_index: int, clips: int, pool=None, chunk: int = 32) -> ClipPool:
+    features, questions, pending = None, [], []
+    jobs = ((split, first_index + i) for i in range(clips))
+    for done, (frames, clip_questions) in enumerate(prefetch(pool, render_clip, jobs), start=1):
+        pending.append(frames)
+        questions.append(clip_questions)
+        if len(pending) == chunk or done == clips:
+            encoded = model.encoder(model.encoder.preprocess(np.concatenate(pending)))
+            encoded = encoded.view(len(pending), -1, *encoded.shape[1:]).half()  # [B, T, G, G, width]
+            if features is None:
+                features = torch.empty((clips, *encoded.shape[1:]), dtype=torch.float16, device=encoded.device)
+            features[done - len(pending):done] = encoded
+            pending = []
+    return ClipPool(features, questions)
+
+
+def packed_from_pool(model: VLM, pool: ClipPool, index: int, spec: CompressorSpec, seed: int) -> PackedClip:
+    """Clip `index` of the pool through the projector and compressor `spec`, every question packed."""
+    features = pool.features[index].float()
+    timestamps = np.arange(len(features)) / sw.DEFAULT_CONFIG.fps
+    tokens = VisualTokens.from_grid(model.projector(features), timestamps)
+    kept = spec.compressor.compress(tokens, CompressionContext(budget=spec.budget, seed=seed, model=model))
+    questions = pool.questions[index]
+    eos = model.tokenizer.eos_token_id
+    answers = [model.tokenizer(q.answer, add_special_tokens=False).input_ids + [eos] for q in questions]
+    return pack_clip(model, kept, tokens.span_length, [q.text for q in questions], answers)
+
+
+def train_qa(model: VLM, config: TrainConfig, report: Callable[[str], None], pool=None,
+             checkpoint: Callable[[int], None] | None = None) -> None:
     model.encoder.requires_grad_(False).eval()
+    report(f"encoding {config.qa_pool_clips} training clips and {config.eval_clips} validation clips with the frozen tower")
+    started = time.monotonic()
+    train = encode_pool(model, "train", QA_FIRST_CLIP, config.qa_pool_clips, pool)
+    val = encode_pool(model, "val", 0, config.eval_clips, pool)
+    report(f"encoded in {time.monotonic() - started:.0f} s")
     params = list(model.projector.parameters()) + list(model.lm.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.qa_lr, weight_decay=config.weight_decay)
     specs = [parse_spec(text) for text, _ in AUGMENTATIONS]
     weights = [weight for _, weight in AUGMENTATIONS]
     rng = random.Random(config.seed)
-    eos = model.tokenizer.eos_token_id
-    total_s = 60 * config.qa_minutes
-    deadline = time.monotonic() + total_s
-    next_eval = time.monotonic() + config.eval_every_s
-    step, index, seen = 0, 0, 0
+    order: list[int] = []
+    seen = 0
     model.lm.train()
-    while time.monotonic() < deadline:
-        clips = []
-        for _ in range(config.qa_clips_per_step):
-            scene, questions = sw.scene_and_questions("train", 10_000_000 + index)
-            index += 1
-            clips.append((sw.render(scene), questions))
-        with torch.no_grad():
-            features = model.encoder(model.encoder.preprocess(np.concatenate([c[0] for c in clips])))
-        features = features.view(len(clips), -1, *features.shape[1:])  # [B, T, G, G, width]
-        packed = []
-        for clip_features, (frames, questions) in zip(features, clips):
-            tokens = VisualTokens.from_grid(model.projector(clip_features), np.arange(len(frames)) / 8.0)
-            spec = rng.choices(specs, weights)[0]
-            ctx = CompressionContext(budget=spec.budget, seed=rng.randrange(1 << 30), model=model)
-            kept = spec.compressor.compress(tokens, ctx)
-            answers = [model.tokenizer(q.answer, add_special_tokens=False).input_ids + [eos] for q in questions]
-            packed.append(pack_clip(model, kept, tokens.span_length, [q.text for q in questions], answers))
-            seen += len(questions)
+    for step in range(1, config.qa_steps + 1):
+        while len(order) < config.qa_clips_per_step:  # epochs over the pool, each in a fresh order
+            order += rng.sample(range(len(train)), len(train))
+        chosen, order = order[:config.qa_clips_per_step], order[config.qa_clips_per_step:]
+        packed = [packed_from_pool(model, train, i, rng.choices(specs, weights)[0], rng.randrange(1 << 30))
+                  for i in chosen]
+        seen += sum(len(train.questions[i]) for i in chosen)
         loss, accuracy = packed_answer_loss(model, packed)
-        optimizer_step(optimizer, params, loss, config.qa_lr, 1 - (deadline - time.monotonic()) / total_s)
-        step += 1
+        optimizer_step(optimizer, params, loss, config.qa_lr, step / config.qa_steps)
         if step % 25 == 0:
-            report(f"qa step {step} clips {index} questions {seen} loss {loss.item():.3f} "
-                   f"first-token acc {accuracy:.3f}")
-            config.log.append({"stage": "qa", "step": step, "clips": index, "loss": loss.item(),
+            report(f"qa step {step}/{config.qa_steps} epoch {step * config.qa_clips_per_step / len(train):.2f} "
+                   f"questions {seen} loss {loss.item():.3f} first-token acc {accuracy:.3f}")
+            config.log.append({"stage": "qa", "step": step, "questions": seen, "loss": loss.item(),
                                "train_acc": accuracy})
-        if time.monotonic() >= next_eval:
+        if step % config.eval_every == 0 or step == config.qa_steps:
             model.lm.eval()
-            result = quick_eval(model, config.eval_clips)
+            result = packed_eval(model, val)
             model.lm.train()
-            report(f"qa eval after {index} clips: {json.dumps(result)}")
-            config.log.append({"stage": "qa-eval", "clips": index, **result})
-            next_eval = time.monotonic() + config.eval_every_s
+            report(f"qa eval at step {step}: {json.dumps(result)}")
+            config.log.append({"stage": "qa-eval", "step": step, **result})
+            if checkpoint is not None:
+                checkpoint(step)
     model.lm.eval()
+
+
+@torch.no_grad()
+def packed_eval(model: VLM, pool: ClipPool, spec: str = "none", batch: int = 24) -> dict:
+    """Teacher-forced first-token accuracy per question type (answers are one word, so this
+    is the greedy answer's accuracy up to stopping after it; the harness checks that)."""
+    compressor = parse_spec(spec)
+    hits: dict[str, list[int]] = {}
+    for start in range(0, len(pool), batch):
+        indices = range(start, min(start + batch, len(pool)))
+        packed = [packed_from_pool(model, pool, i, compressor, seed=i) for i in indices]
+        logits, _ = packed_logits(model, packed)
+        for row, (clip, i) in enumerate(zip(packed, indices)):
+            predicted = logits[row, clip.first_answer_at].argmax(-1).tolist()
+            for question, guess, truth in zip(pool.questions[i], predicted, clip.first_answer_ids):
+                hits.setdefault(question.type, []).append(int(guess == truth))
+    per_type = {name: round(sum(v) / len(v), 3) for name, v in sorted(hits.items())}
+    overall = sum(sum(v) for v in hits.values()) / sum(len(v) for v in hits.values())
+    return {"overall": round(overall, 3), **per_type}
 
 
 @dataclass
@@ -272,11 +348,12 @@ def pack_clip(model: VLM, kept: VisualTokens, span_length: int, questions: list[
                       torch.cat(segments).long(), first_at, [a[0] for a in answers])
 
 
-def packed_answer_loss(model: VLM, clips: list[PackedClip]) -> tuple[torch.Tensor, float]:
-    """Cross-entropy over every answer token of a batch of packed clips (same mean as `answer_loss`)."""
+def packed_logits(model: VLM, clips: list[PackedClip]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [B, L, V] and labels [B, L] of a padded batch of packed clips."""
     longest = max(len(c.embeds) for c in clips)
     batch, width = len(clips), clips[0].embeds.shape[1]
-    embeds = torch.zeros(batch, longest, width)
+    device = clips[0].embeds.device
+    embeds = torch.zeros(batch, longest, width, device=device)
     positions = torch.zeros(batch, longest, dtype=torch.long)
     labels = torch.full((batch, longest), -100)
     segments = torch.full((batch, longest), -1)  # -1: padding
@@ -288,11 +365,18 @@ def packed_answer_loss(model: VLM, clips: list[PackedClip]) -> tuple[torch.Tenso
     causal = torch.ones(longest, longest, dtype=torch.bool).tril()
     allowed = causal & (key != -1) & ((key == 0) | (key == query))
     allowed |= torch.eye(longest, dtype=torch.bool)  # padding rows see themselves (no empty softmax)
-    logits = model.lm(inputs_embeds=embeds, attention_mask=allowed[:, None], position_ids=positions).logits
+    logits = model.lm(inputs_embeds=embeds, attention_mask=allowed[:, None].to(device),
+                      position_ids=positions.to(device)).logits
+    return logits, labels.to(device)
+
+
+def packed_answer_loss(model: VLM, clips: list[PackedClip]) -> tuple[torch.Tensor, float]:
+    """Cross-entropy over every answer token of a batch of packed clips (same mean as `answer_loss`)."""
+    logits, labels = packed_logits(model, clips)
     loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
     rows = torch.tensor([row for row, c in enumerate(clips) for _ in c.first_answer_at])
     at = torch.tensor([i for c in clips for i in c.first_answer_at])
-    targets = torch.tensor([t for c in clips for t in c.first_answer_ids])
+    targets = torch.tensor([t for c in clips for t in c.first_answer_ids], device=logits.device)
     accuracy = float((logits[rows, at].argmax(-1) == targets).float().mean())
     return loss, accuracy
 
@@ -327,34 +411,54 @@ def answer_loss(model: VLM, sequences) -> tuple[torch.Tensor, float]:
     return loss, accuracy
 
 
-@torch.no_grad()
-def quick_eval(model: VLM, clips: int, split: str = "val", spec: str = "none") -> dict:
-    """Greedy answers through the real inference path on in-memory clips: accuracy per type."""
-    hits: dict[str, list[int]] = {}
-    for frames, questions in sw.iter_samples(split, 0, clips):
-        timestamps = np.arange(len(frames)) / 8.0
-        for question in questions:
-            text = model.answer(frames, timestamps, question.text, spec).text
-            hits.setdefault(question.type, []).append(int(text.strip() == question.answer))
-    per_type = {name: round(sum(v) / len(v), 3) for name, v in sorted(hits.items())}
-    overall = sum(sum(v) for v in hits.values()) / sum(len(v) for v in hits.values())
-    return {"overall": round(overall, 3), **per_type}
+def prefetch(pool, fn: Callable, jobs: Iterable[tuple], ahead: int = 8) -> Iterator:
+    """fn(*job) for every job, in order. With a process pool, up to `ahead` jobs run in the
+    workers ahead of the consumer (bounded, unlike Pool.imap, which queues every job at once)."""
+    if pool is None:
+        for job in jobs:
+            yield fn(*job)
+        return
+    pending: deque = deque()
+    for job in jobs:
+        pending.append(pool.apply_async(fn, job))
+        if len(pending) >= ahead:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+@contextmanager
+def worker_pool(workers: int):
+    """Processes that render clips (numpy only; forked before the model exists), or None."""
+    if workers <= 0:
+        yield None
+        return
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        yield pool
 
 
 def train_tiny(out: Path, config: TrainConfig, report: Callable[[str], None] = print) -> VLM:
-    torch.manual_seed(config.seed)
-    np.random.seed(config.seed)
-    model = new_model(config.seed)
+    out = Path(out)
     started = time.monotonic()
-    report(f"stage 1: perception pretraining for {config.perception_minutes} min")
-    train_perception(model, config, report)
-    report(f"stage 2: question answering for {config.qa_minutes} min")
-    train_qa(model, config, report)
-    model.config.trained = True
-    model.config.notes = {"trained_by": "vidsieve train tiny", "train_config": {
-        k: v for k, v in asdict(config).items() if k != "log"}, "train_minutes": round((time.monotonic() - started) / 60, 1)}
+    with worker_pool(config.workers) as pool:
+        torch.manual_seed(config.seed)
+        np.random.seed(config.seed)
+        model = new_model(config.seed).to(config.device)
+
+        def save(qa_step: int) -> None:
+            model.config.trained = True
+            model.config.notes = {
+                "trained_by": "vidsieve train tiny",
+                "train_config": {k: v for k, v in asdict(config).items() if k != "log"},
+                "qa_steps_done": qa_step, "train_minutes": round((time.monotonic() - started) / 60, 1)}
+            model.save_pretrained(out)
+            (out / "training_log.json").write_text(json.dumps(config.log, indent=1))
+            report(f"checkpoint after qa step {qa_step} saved to {out}")
+
+        report(f"stage 1: perception pretraining, {config.perception_steps} steps on {config.device}")
+        train_perception(model, config, report, pool)
+        report(f"stage 2: question answering, {config.qa_steps} steps")
+        train_qa(model, config, report, pool, checkpoint=save)
     model.eval()
-    model.save_pretrained(out)
-    (out / "training_log.json").write_text(json.dumps(config.log, indent=1))
-    report(f"saved to {out}")
+    report(f"done in {(time.monotonic() - started) / 60:.1f} min")
     return model

@@ -68,8 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     compressor.set_defaults(handler=run_train_compressor)
     tiny = trains.add_parser("tiny", help="vidsieve-tiny from scratch")
     tiny.add_argument("--out", type=Path, required=True, help="folder to save the model into")
-    tiny.add_argument("--perception-minutes", type=float, default=10.0)
-    tiny.add_argument("--qa-minutes", type=float, default=60.0)
+    # Unset step counts take the recipe's (eval.train_tiny.TrainConfig), the documented run.
+    tiny.add_argument("--perception-steps", type=int, help="default: the recipe's")
+    tiny.add_argument("--qa-steps", type=int, help="default: the recipe's")
+    tiny.add_argument("--qa-pool-clips", type=int,
+                      help="training clips encoded once by the frozen tower and revisited for QA (default: the recipe's)")
+    tiny.add_argument("--eval-every", type=int, help="QA steps between validation passes and checkpoints")
+    tiny.add_argument("--device", default="cpu", help="cpu or cuda: the same steps give the same recipe")
+    tiny.add_argument("--workers", type=int, default=1, help="clip-rendering processes (0: none)")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     tiny.set_defaults(handler=run_train)
@@ -199,7 +205,9 @@ def run_train(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = TrainConfig(perception_minutes=args.perception_minutes, qa_minutes=args.qa_minutes, seed=args.seed)
+    chosen = {name: getattr(args, name) for name in ("perception_steps", "qa_steps", "qa_pool_clips", "eval_every")}
+    config = TrainConfig(**{name: value for name, value in chosen.items() if value is not None},
+                         device=args.device, workers=args.workers, seed=args.seed)
     train_tiny(args.out, config, report=lambda line: print(line, flush=True))
     return EXIT_OK
 
