@@ -55,14 +55,15 @@ AUGMENTATIONS = (
 class TrainConfig:
     """Every stage is counted in steps, so a run is the same run on any machine (CPU or GPU)."""
 
-    perception_steps: int = 2000
+    perception_steps: int = 3000
     perception_clips_per_step: int = 4  # x 16 frames
     perception_lr: float = 2e-3
     qa_pool_clips: int = 20_000  # rendered and put through the frozen tower once, then reused
-    qa_steps: int = 7000
+    qa_steps: int = 6000
     qa_clips_per_step: int = 24  # every question of each clip is asked (packed, see PackedClip)
     qa_lr: float = 1.5e-3
     weight_decay: float = 0.01
+    binding: bool = True  # supervise one attention head with the scene's object locations (BINDING_LAYER)
     seed: int = 0
     eval_every: int = 500  # QA steps between validation passes (and checkpoints)
     eval_clips: int = 120
@@ -94,17 +95,19 @@ def new_model(seed: int) -> VLM:
 # --- stage 1: perception ---------------------------------------------------------------------
 
 class PerceptionHeads(nn.Module):
-    """Per-patch classifiers on the tower's tokens; class 0 is 'nothing' everywhere."""
+    """Per-patch heads on the tower's tokens: is an object here, and of a covered patch its
+    colour, shape, size and dot colour (class 0: no dot)."""
 
     def __init__(self, width: int):
         super().__init__()
-        self.colour = nn.Linear(width, len(sw.COLOURS) + 1)
-        self.shape = nn.Linear(width, len(sw.SHAPES) + 1)
-        self.size = nn.Linear(width, len(sw.SIZES) + 1)
+        self.object = nn.Linear(width, 1)
+        self.colour = nn.Linear(width, len(sw.COLOURS))
+        self.shape = nn.Linear(width, len(sw.SHAPES))
+        self.size = nn.Linear(width, len(sw.SIZES))
         self.dot = nn.Linear(width, len(sw.COLOURS) + 1)
 
 
-DOT_CLASS_WEIGHTS = torch.tensor([1.0] + [20.0] * len(sw.COLOURS))
+DOT_CLASS_WEIGHTS = torch.tensor([1.0] + [5.0] * len(sw.COLOURS))
 
 
 def patch_targets(scene: sw.Scene, object_ids: np.ndarray, patch_px: int) -> dict[str, np.ndarray]:
@@ -160,15 +163,22 @@ def train_perception(model: VLM, config: TrainConfig, report: Callable[[str], No
         tokens = encoder(encoder.preprocess(frames))  # [B*T, G, G, width]
         labels = {name: torch.from_numpy(value).long().to(device) for name, value in targets.items()}
         logits = {name: getattr(heads, name)(tokens) for name in labels}
-        # Dots cover one patch in hundreds: weight their classes up so "no dot" cannot win by default.
-        losses = {name: F.cross_entropy(logits[name].flatten(0, 2), label.flatten(),
-                                        weight=dot_weights if name == "dot" else None)
-                  for name, label in labels.items()}
+        # Most patches are background, and a loss averaged over all of them lets "nothing" win
+        # (measured: shape stayed at chance). So: one objectness loss over every patch, and the
+        # attributes (colour, shape, size, dot colour or none) over covered patches only, each
+        # with the same weight; dots sit on few covered patches, so their classes weigh more.
+        covered = labels["colour"] != 0
+        losses = {"object": F.binary_cross_entropy_with_logits(heads.object(tokens).squeeze(-1), covered.float())}
+        for name in ("colour", "shape", "size", "dot"):
+            target = labels[name] if name == "dot" else labels[name] - 1  # dot keeps class 0: "no dot"
+            losses[name] = F.cross_entropy(logits[name][covered], target[covered],
+                                           weight=dot_weights if name == "dot" else None)
         loss = sum(losses.values())
         optimizer_step(optimizer, params, loss, config.perception_lr, step / config.perception_steps)
         for name, label in labels.items():  # accuracy on patches with something to predict
             mask = label != 0
-            correct[name] += int((logits[name].argmax(-1)[mask] == label[mask]).sum())
+            guess = logits[name].argmax(-1) + (0 if name == "dot" else 1)
+            correct[name] += int((guess[mask] == label[mask]).sum())
             counted[name] += int(mask.sum())
         if step % 100 == 0 or step == config.perception_steps:
             hits = {name: correct[name] / max(counted[name], 1) for name in correct}
@@ -212,23 +222,34 @@ class ClipPool:
 
     features: torch.Tensor  # [clips, T, G, G, width] float16, on the model's device
     questions: list[list[sw.Question]]
+    owners: torch.Tensor  # [clips, T, Gm, Gm] uint8: which objects each merged token shows (bit i: object i)
 
     def __len__(self) -> int:
         return len(self.questions)
 
 
-def render_clip(split: str, index: int) -> tuple[np.ndarray, list[sw.Question]]:
+def render_clip(split: str, index: int, block_px: int) -> tuple[np.ndarray, list[sw.Question], np.ndarray]:
+    """Frames, questions, and which objects cover at least 16 px of each block_px square."""
     scene, questions = sw.scene_and_questions(split, index)
-    return sw.render(scene), questions
+    frames, object_ids = sw.render_with_labels(scene)
+    t, size, _ = object_ids.shape
+    blocks = object_ids.reshape(t, size // block_px, block_px, size // block_px, block_px)
+    owners = np.zeros((t, size // block_px, size // block_px), np.uint8)
+    for obj in scene.objects:
+        covered = (blocks == obj.object_id).sum(axis=(2, 4)) >= 16
+        owners |= covered.astype(np.uint8) << obj.object_id
+    return frames, questions, owners
 
 
 @torch.no_grad()
 def encode_pool(model: VLM, split: str, first_index: int, clips: int, pool=None, chunk: int = 32) -> ClipPool:
-    features, questions, pending = None, [], []
-    jobs = ((split, first_index + i) for i in range(clips))
-    for done, (frames, clip_questions) in enumerate(prefetch(pool, render_clip, jobs), start=1):
+    features, questions, owners, pending = None, [], [], []
+    block_px = model.encoder.patch_size * model.projector.merge
+    jobs = ((split, first_index + i, block_px) for i in range(clips))
+    for done, (frames, clip_questions, clip_owners) in enumerate(prefetch(pool, render_clip, jobs), start=1):
         pending.append(frames)
         questions.append(clip_questions)
+        owners.append(clip_owners)
         if len(pending) == chunk or done == clips:
             encoded = model.encoder(model.encoder.preprocess(np.concatenate(pending)))
             encoded = encoded.view(len(pending), -1, *encoded.shape[1:]).half()  # [B, T, G, G, width]
@@ -236,7 +257,7 @@ def encode_pool(model: VLM, split: str, first_index: int, clips: int, pool=None,
                 features = torch.empty((clips, *encoded.shape[1:]), dtype=torch.float16, device=encoded.device)
             features[done - len(pending):done] = encoded
             pending = []
-    return ClipPool(features, questions)
+    return ClipPool(features, questions, torch.from_numpy(np.stack(owners)))
 
 
 def packed_from_pool(model: VLM, pool: ClipPool, index: int, spec: CompressorSpec, seed: int) -> PackedClip:
@@ -248,7 +269,8 @@ def packed_from_pool(model: VLM, pool: ClipPool, index: int, spec: CompressorSpe
     questions = pool.questions[index]
     eos = model.tokenizer.eos_token_id
     answers = [model.tokenizer(q.answer, add_special_tokens=False).input_ids + [eos] for q in questions]
-    return pack_clip(model, kept, tokens.span_length, [q.text for q in questions], answers)
+    return pack_clip(model, kept, tokens.span_length, [q.text for q in questions], answers,
+                     binding_masks(kept, pool.owners[index], questions))
 
 
 def train_qa(model: VLM, config: TrainConfig, report: Callable[[str], None], pool=None,
@@ -274,7 +296,7 @@ def train_qa(model: VLM, config: TrainConfig, report: Callable[[str], None], poo
         packed = [packed_from_pool(model, train, i, rng.choices(specs, weights)[0], rng.randrange(1 << 30))
                   for i in chosen]
         seen += sum(len(train.questions[i]) for i in chosen)
-        loss, accuracy = packed_answer_loss(model, packed)
+        loss, accuracy = packed_answer_loss(model, packed, binding=config.binding)
         optimizer_step(optimizer, params, loss, config.qa_lr, step / config.qa_steps)
         if step % 25 == 0:
             report(f"qa step {step}/{config.qa_steps} epoch {step * config.qa_clips_per_step / len(train):.2f} "
@@ -327,10 +349,12 @@ class PackedClip:
     segments: torch.Tensor  # [L]
     first_answer_at: list[int]  # index of the position that predicts each answer's first token
     first_answer_ids: list[int]
+    visual_span: tuple[int, int] = (0, 0)  # [start, end) of the visual tokens
+    binding_targets: list[torch.Tensor | None] = field(default_factory=list)  # per question: [visual] bool
 
 
 def pack_clip(model: VLM, kept: VisualTokens, span_length: int, questions: list[str],
-              answers: list[list[int]]) -> PackedClip:
+              answers: list[list[int]], binding_targets: list[torch.Tensor | None] | None = None) -> PackedClip:
     prefix_ids, _ = model._prompt_ids("")
     embeds, positions, _, _ = model._layout(prefix_ids, kept, torch.arange(len(prefix_ids)))
     after_video = len(prefix_ids) + span_length
@@ -345,11 +369,14 @@ def pack_clip(model: VLM, kept: VisualTokens, span_length: int, questions: list[
         first_at.append(offset + len(suffix_ids) - 1)
         offset += len(ids)
     return PackedClip(torch.cat([e for e, _ in parts]), torch.cat([p for _, p in parts]), torch.cat(labels),
-                      torch.cat(segments).long(), first_at, [a[0] for a in answers])
+                      torch.cat(segments).long(), first_at, [a[0] for a in answers],
+                      (len(prefix_ids), len(prefix_ids) + len(kept)), binding_targets or [None] * len(questions))
 
 
-def packed_logits(model: VLM, clips: list[PackedClip]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits [B, L, V] and labels [B, L] of a padded batch of packed clips."""
+def packed_logits(model: VLM, clips: list[PackedClip], capture: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [B, L, V] and labels [B, L] of a padded batch of packed clips. With `capture`,
+    the inputs of layer BINDING_LAYER's attention (normed hidden states, rotary cos/sin)
+    are stored in it for `binding_loss`."""
     longest = max(len(c.embeds) for c in clips)
     batch, width = len(clips), clips[0].embeds.shape[1]
     device = clips[0].embeds.device
@@ -365,15 +392,91 @@ def packed_logits(model: VLM, clips: list[PackedClip]) -> tuple[torch.Tensor, to
     causal = torch.ones(longest, longest, dtype=torch.bool).tril()
     allowed = causal & (key != -1) & ((key == 0) | (key == query))
     allowed |= torch.eye(longest, dtype=torch.bool)  # padding rows see themselves (no empty softmax)
-    logits = model.lm(inputs_embeds=embeds, attention_mask=allowed[:, None].to(device),
-                      position_ids=positions.to(device)).logits
+    handle = None
+    if capture is not None:
+        def keep_inputs(module, args, kwargs):
+            capture["hidden"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            capture["cos_sin"] = kwargs["position_embeddings"] if "position_embeddings" in kwargs else args[1]
+        handle = binding_attention(model).register_forward_pre_hook(keep_inputs, with_kwargs=True)
+    try:
+        logits = model.lm(inputs_embeds=embeds, attention_mask=allowed[:, None].to(device),
+                          position_ids=positions.to(device)).logits
+    finally:
+        if handle is not None:
+            handle.remove()
     return logits, labels.to(device)
 
 
-def packed_answer_loss(model: VLM, clips: list[PackedClip]) -> tuple[torch.Tensor, float]:
-    """Cross-entropy over every answer token of a batch of packed clips (same mean as `answer_loss`)."""
-    logits, labels = packed_logits(model, clips)
+# --- binding supervision ----------------------------------------------------------------------
+#
+# A small LM learning QA from scratch sits for thousands of steps at the answer prior: to answer
+# "what colour is the big circle?" its last position must attend to the tokens of that one
+# object among 256, and until some head does, the answer loss gives the attention almost no
+# gradient (measured: the same plateau with perfect one-hot "oracle" visual features). The
+# scene state says which tokens hold the object a question is about, so one head is told:
+# head 0 of layer BINDING_LAYER, at the position that predicts the answer, is trained to put
+# its attention mass on those tokens (cross-entropy of the summed probability). The head's
+# own weights and everything below it learn; at inference nothing changes.
+
+BINDING_LAYER = 1
+BINDING_WEIGHT = 1.0
+
+
+def binding_attention(model: VLM) -> nn.Module:
+    return model.lm.model.layers[BINDING_LAYER].self_attn
+
+
+def binding_loss(model: VLM, clips: list[PackedClip], capture: dict) -> torch.Tensor | None:
+    """Mean over questions with targets of -log(attention mass of the supervised head on
+    the target tokens), the softmax taken over the clip's visual tokens."""
+    attention = binding_attention(model)
+    head_dim = attention.head_dim
+    hidden, (cos, sin) = capture["hidden"], capture["cos_sin"]  # [B, L, D], [B, L, hd] each
+    losses = []
+    for row, clip in enumerate(clips):
+        chosen = [(at, t) for at, t in zip(clip.first_answer_at, clip.binding_targets) if t is not None and t.any()]
+        start, end = clip.visual_span
+        if not chosen or end == start:
+            continue
+        at = torch.tensor([a for a, _ in chosen], device=hidden.device)
+        targets = torch.stack([t for _, t in chosen]).to(hidden.device)  # [Q, V]
+        key = attention.k_proj(hidden[row, start:end])[:, :head_dim]  # KV head 0: [V, hd]
+        key = key * cos[row, start:end] + rotate_half(key) * sin[row, start:end]
+        query = attention.q_proj(hidden[row, at])[:, :head_dim]  # query head 0: [Q, hd]
+        query = query * cos[row, at] + rotate_half(query) * sin[row, at]
+        scores = (query @ key.T) * attention.scaling  # [Q, V]
+        on_target = scores.masked_fill(~targets, float("-inf")).logsumexp(-1)
+        losses.append(scores.logsumexp(-1) - on_target)
+    return torch.cat(losses).mean() if losses else None
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def binding_masks(kept: VisualTokens, owners: torch.Tensor, questions: list[sw.Question]) -> list[torch.Tensor]:
+    """Per question, which kept tokens show one of its objects (in its frame, if it names one).
+    owners [T, Gm, Gm] uint8: bit i set where object i covers part of the merged token."""
+    present = owners[kept.frame_index.cpu(), kept.grid_rc[:, 0].cpu(), kept.grid_rc[:, 1].cpu()].long()  # [N]
+    masks = []
+    for question in questions:
+        bits = sum(1 << i for i in question.object_ids)
+        mask = (present & bits) != 0
+        if question.frame_index is not None:
+            mask &= kept.frame_index.cpu() == question.frame_index
+        masks.append(mask)
+    return masks
+
+
+def packed_answer_loss(model: VLM, clips: list[PackedClip], binding: bool = False) -> tuple[torch.Tensor, float]:
+    """Cross-entropy over every answer token of a batch of packed clips (same mean as
+    `answer_loss`), plus the binding term when `binding`."""
+    capture = {} if binding else None
+    logits, labels = packed_logits(model, clips, capture)
     loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    if binding and (extra := binding_loss(model, clips, capture)) is not None:
+        loss = loss + BINDING_WEIGHT * extra
     rows = torch.tensor([row for row, c in enumerate(clips) for _ in c.first_answer_at])
     at = torch.tensor([i for c in clips for i in c.first_answer_at])
     targets = torch.tensor([t for c in clips for t in c.first_answer_ids], device=logits.device)

@@ -32,7 +32,7 @@ def dense_causal(query, key, value, scale):
     """Dense SDPA with the bottom-right causal mask, KV heads repeated for GQA."""
     group = query.shape[1] // key.shape[1]
     query_len, key_len = query.shape[2], key.shape[2]
-    mask = torch.arange(key_len)[None, :] <= torch.arange(query_len)[:, None] + key_len - query_len
+    mask = (torch.arange(key_len)[None, :] <= torch.arange(query_len)[:, None] + key_len - query_len).to(query.device)
     return F.scaled_dot_product_attention(
         query, key.repeat_interleave(group, 1), value.repeat_interleave(group, 1), attn_mask=mask, scale=scale
     )

@@ -31,26 +31,36 @@ class VisionEncoder(Protocol):
     def encode(self, frames: np.ndarray | torch.Tensor) -> EncodedFrames: ...
 
 
-class PixelStem(nn.Sequential):
-    """Per-pixel MLP (1x1 convolutions) in front of the patch embedding.
+class ConvStem(nn.Sequential):
+    """A convolutional stem in place of the ViT's patch embedding ("Early Convolutions Help
+    Transformers See Better", Xiao et al. 2021): 3x3 convolutions of stride 2, one per
+    halving, until a patch is one token (4 for 16 px patches), then a 1x1 projection to the
+    tower's width.
 
-    A ViT's patch embedding is linear, so a 3x3 px detail inside a 16x16 patch only shifts a
-    few weighted colour sums and is hard to read back. Two per-pixel nonlinear layers first
-    turn each pixel into colour-like features; the patch embedding then counts them, so a
-    small dot of another colour stays visible in its token (the "early convolutions" fix).
+    A linear 16x16 patch embedding sees one patch at a time: a small object straddling patch
+    borders shows each token a fragment, and telling a circle from a diamond needs the
+    fragments put together. Each stem output sees about 31 px around its patch, so every token
+    holds the shape of the object it covers and the colour of a dot inside it.
     """
 
-    def __init__(self, channels: int, width: int, patch_size: int):
-        super().__init__(nn.Conv2d(3, channels, 1), nn.GELU(), nn.Conv2d(channels, channels, 1), nn.GELU(),
-                         nn.Conv2d(channels, width, kernel_size=patch_size, stride=patch_size, bias=False))
+    def __init__(self, channels: list[int], width: int, patch_size: int):
+        if patch_size != 2 ** len(channels):
+            raise ValueError(f"conv_stem needs one stride-2 layer per halving of the {patch_size} px patch; "
+                             f"got {len(channels)} layers")
+        layers: list[nn.Module] = []
+        previous = 3
+        for count in channels:
+            layers += [nn.Conv2d(previous, count, 3, stride=2, padding=1), nn.GroupNorm(1, count), nn.GELU()]
+            previous = count
+        super().__init__(*layers, nn.Conv2d(previous, width, 1))
 
 
 class OpenClipEncoder(nn.Module):
     """An open_clip VisionTransformer returning its patch tokens (after `ln_post`).
 
     Frames are resized to the tower's square input, normalised with CLIP statistics and run
-    in chunks so memory stays bounded for long clips. `pixel_stem: C` in the config puts a
-    `PixelStem` of C channels in place of the tower's patch embedding (`conv1`).
+    in chunks so memory stays bounded for long clips. `conv_stem: [C1, C2, ...]` in the config
+    puts a `ConvStem` with those channels in place of the tower's patch embedding (`conv1`).
     """
 
     def __init__(self, vision_cfg: dict, *, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, chunk_frames: int = 32):
@@ -58,10 +68,10 @@ class OpenClipEncoder(nn.Module):
         from open_clip.model import _build_vision_tower
 
         cfg = dict(vision_cfg, output_tokens=True)
-        stem_channels = cfg.pop("pixel_stem", 0)
+        stem_channels = cfg.pop("conv_stem", None)
         self.visual = _build_vision_tower(embed_dim=cfg.pop("embed_dim", cfg["width"]), vision_cfg=cfg)
         if stem_channels:
-            self.visual.conv1 = PixelStem(stem_channels, cfg["width"], cfg["patch_size"])
+            self.visual.conv1 = ConvStem(list(stem_channels), cfg["width"], cfg["patch_size"])
         self.image_size = int(cfg["image_size"])
         self.patch_size = int(cfg["patch_size"])
         self.width = int(cfg["width"])
