@@ -69,6 +69,7 @@ class TrainConfig:
     eval_clips: int = 120
     device: str = "cpu"
     workers: int = 1  # processes that render clips beside the training loop (0: render inline)
+    perception_from: str | None = None  # a model folder whose tower (stage 1 of this recipe) is reused
     log: list = field(default_factory=list)
 
 
@@ -558,8 +559,13 @@ def train_tiny(out: Path, config: TrainConfig, report: Callable[[str], None] = p
             (out / "training_log.json").write_text(json.dumps(config.log, indent=1))
             report(f"checkpoint after qa step {qa_step} saved to {out}")
 
-        report(f"stage 1: perception pretraining, {config.perception_steps} steps on {config.device}")
-        train_perception(model, config, report, pool)
+        if config.perception_from:
+            report(f"stage 1: the tower of {config.perception_from} (trained by this recipe's stage 1)")
+            model.encoder.load_state_dict(VLM.from_pretrained(config.perception_from, device="cpu").encoder.state_dict())
+            model.encoder.eval()
+        else:
+            report(f"stage 1: perception pretraining, {config.perception_steps} steps on {config.device}")
+            train_perception(model, config, report, pool)
         report(f"stage 2: question answering, {config.qa_steps} steps")
         train_qa(model, config, report, pool, checkpoint=save)
     model.eval()

@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--qa-pool-clips", type=int,
                       help="training clips encoded once by the frozen tower and revisited for QA (default: the recipe's)")
     tiny.add_argument("--eval-every", type=int, help="QA steps between validation passes and checkpoints")
+    tiny.add_argument("--perception-from", help="reuse the tower of a model folder trained by this recipe's stage 1")
     tiny.add_argument("--device", default="cpu", help="cpu or cuda: the same steps give the same recipe")
     tiny.add_argument("--workers", type=int, default=1, help="clip-rendering processes (0: none)")
     tiny.add_argument("--seed", type=int, default=0)
@@ -207,7 +208,8 @@ def run_train(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     chosen = {name: getattr(args, name) for name in ("perception_steps", "qa_steps", "qa_pool_clips", "eval_every")}
     config = TrainConfig(**{name: value for name, value in chosen.items() if value is not None},
-                         device=args.device, workers=args.workers, seed=args.seed)
+                         device=args.device, workers=args.workers, seed=args.seed,
+                         perception_from=args.perception_from)
     train_tiny(args.out, config, report=lambda line: print(line, flush=True))
     return EXIT_OK
 

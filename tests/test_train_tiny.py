@@ -40,3 +40,52 @@ def test_patch_targets_mark_the_dot_colour_where_the_dot_is():
     patch = frames[t, 16 * row:16 * row + 16, 16 * col:16 * col + 16].reshape(-1, 3)
     assert ((patch == sw.COLOURS_RGB[colour]).all(-1)).sum() >= 4
     assert (targets["colour"] > 0).mean() > 0.05 and (targets["colour"] == 0).mean() > 0.3
+
+
+def test_binding_masks_point_at_the_tokens_that_show_the_question_objects():
+    from eval.train_tiny import binding_masks, render_clip
+
+    frames, questions, owners = render_clip("train", 3, 32)
+    scene, _ = sw.scene_and_questions("train", 3)
+    _, object_ids = sw.render_with_labels(scene)
+    model = new_model(0)
+    with torch.no_grad():
+        tokens = model.encode_frames(frames, np.arange(len(frames)) / 8.0)
+    spec = parse_spec("random:ratio=0.5")
+    kept = spec.compressor.compress(tokens, CompressionContext(budget=spec.budget, seed=0))
+    masks = binding_masks(kept, torch.from_numpy(owners), questions)
+    assert len(masks) == len(questions)
+    for question, mask in zip(questions, masks):
+        assert mask.shape == (len(kept),) and mask.dtype == torch.bool
+        for i in range(len(kept)):  # a token is a target iff one of the question's objects covers its 32 px block
+            t, row, col = int(kept.frame_index[i]), *map(int, kept.grid_rc[i])
+            block = object_ids[t, 32 * row:32 * row + 32, 32 * col:32 * col + 32]
+            shows = any((block == obj).sum() >= 16 for obj in question.object_ids)
+            in_frame = question.frame_index is None or question.frame_index == t
+            assert bool(mask[i]) == (shows and in_frame)
+    assert any(mask.any() for mask in masks)
+
+
+def test_binding_loss_is_low_when_the_head_already_attends_to_the_targets():
+    """The loss is -log(attention mass on the targets): all mass on them gives ~0, and the
+    loss grows as targets get fewer of the head's attention."""
+    from eval.train_tiny import BINDING_LAYER, binding_loss
+
+    model = new_model(0)
+    frames, questions = next(sw.iter_samples("train", 0, 1))
+    with torch.no_grad():
+        tokens = model.encode_frames(frames[:2], np.arange(2) / 8.0)
+    answers = [model.tokenizer(q.answer, add_special_tokens=False).input_ids + [model.tokenizer.eos_token_id]
+               for q in questions[:2]]
+    everything = [torch.ones(len(tokens), dtype=torch.bool)] * 2
+    one = [torch.nn.functional.one_hot(torch.tensor(3), len(tokens)).bool()] * 2
+    losses = []
+    for targets in (everything, one):
+        clip = pack_clip(model, tokens, tokens.span_length, [q.text for q in questions[:2]], answers, targets)
+        capture = {}
+        from eval.train_tiny import packed_logits
+        packed_logits(model, [clip], capture)
+        assert capture["hidden"].shape[1] == len(clip.embeds) and BINDING_LAYER < len(model.lm.model.layers)
+        losses.append(float(binding_loss(model, [clip], capture)))
+    assert losses[0] < 1e-5 < losses[1]
+    assert abs(losses[1] - np.log(len(tokens))) < 1.0  # a fresh head spreads its attention

@@ -37,6 +37,14 @@ class Projector(nn.Module):
         self.row = nn.Embedding(max_grid, lm_width)
         self.col = nn.Embedding(max_grid, lm_width)
         self.time = nn.Linear(time_dims, lm_width)
+        # Where/when start small beside the content (std 0.02, as ViT position embeddings): with
+        # nn.Embedding's N(0, 1) they were ~7x the content's norm, the content differences
+        # between tokens ~5% of each vector, and a small LM learnt to read positions long
+        # before it read colours (measured in docs/TRAINING.md).
+        with torch.no_grad():
+            self.row.weight.mul_(0.02)
+            self.col.weight.mul_(0.02)
+            self.time.weight.mul_(0.1)
 
     def merge_patches(self, features: torch.Tensor) -> torch.Tensor:
         """[T, H, W, C] -> [T, H/m, W/m, C*m*m] (H and W must divide by m)."""
