@@ -58,8 +58,8 @@ class TrainConfig:
     perception_steps: int = 3000
     perception_clips_per_step: int = 4  # x 16 frames
     perception_lr: float = 2e-3
-    qa_pool_clips: int = 20_000  # rendered and put through the frozen tower once, then reused
-    qa_steps: int = 6000
+    qa_pool_clips: int = 12_000  # rendered and put through the frozen tower once, then reused
+    qa_steps: int = 5000
     qa_clips_per_step: int = 24  # every question of each clip is asked (packed, see PackedClip)
     qa_lr: float = 1.5e-3
     weight_decay: float = 0.01
@@ -420,7 +420,7 @@ def packed_logits(model: VLM, clips: list[PackedClip], capture: dict | None = No
 # own weights and everything below it learn; at inference nothing changes.
 
 BINDING_LAYER = 1
-BINDING_WEIGHT = 1.0
+BINDING_WEIGHT = 4.0
 
 
 def binding_attention(model: VLM) -> nn.Module:

@@ -1,0 +1,78 @@
+"""Readout probe: can the LM answer from an object's tokens when it sees nothing else?
+
+    python -m eval.probe_readout --tower runs/tiny-a-step1000 --steps 600
+
+A fresh projector + LM, on a tower trained by stage 1 of `eval.train_tiny`, learns attribute
+and fine-detail questions where each question sees ONLY the visual tokens of its own object
+(`train_tiny.binding_masks`). Attention then has nothing to find, so the curve measures the
+content path alone: tower token -> projector -> value -> answer word. docs/TRAINING.md
+compares it with the full task, where the same LM stays at the answer prior.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+import numpy as np
+import torch
+
+from compressors import VisualTokens
+from eval import shapesworld as sw
+from eval import train_tiny as tt
+from vlm.model import VLM
+
+READ_OUT_TYPES = ("attribute", "fine_detail")
+
+
+def object_only_clips(model: VLM, pool: tt.ClipPool, index: int) -> list[tt.PackedClip]:
+    """One packed clip per attribute/fine-detail question, holding only its object's tokens."""
+    features = pool.features[index].float()
+    tokens = VisualTokens.from_grid(model.projector(features), np.arange(len(features)) / sw.DEFAULT_CONFIG.fps)
+    eos = model.tokenizer.eos_token_id
+    clips = []
+    for question, mask in zip(pool.questions[index], tt.binding_masks(tokens, pool.owners[index], pool.questions[index])):
+        if question.type in READ_OUT_TYPES and mask.any():
+            answer = model.tokenizer(question.answer, add_special_tokens=False).input_ids + [eos]
+            kept = tokens.select(torch.nonzero(mask)[:, 0])
+            clips.append(tt.pack_clip(model, kept, tokens.span_length, [question.text], [answer]))
+    return clips
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m eval.probe_readout", description=__doc__.split("\n")[0])
+    parser.add_argument("--tower", required=True, help="a model folder whose tower stage 1 trained")
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--clips-per-step", type=int, default=12)
+    parser.add_argument("--train-clips", type=int, default=1500)
+    parser.add_argument("--val-clips", type=int, default=60)
+    parser.add_argument("--lr", type=float, default=1.5e-3)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = tt.new_model(0)
+    model.encoder.load_state_dict(VLM.from_pretrained(args.tower, device="cpu").encoder.state_dict())
+    model.encoder.eval().requires_grad_(False)
+    train = tt.encode_pool(model, "train", tt.QA_FIRST_CLIP, args.train_clips)
+    val = tt.encode_pool(model, "val", 0, args.val_clips)
+    params = list(model.projector.parameters()) + list(model.lm.parameters())
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    rng = random.Random(0)
+    started = time.monotonic()
+    for step in range(1, args.steps + 1):
+        batch = [c for i in rng.sample(range(len(train)), args.clips_per_step) for c in object_only_clips(model, train, i)]
+        loss, accuracy = tt.packed_answer_loss(model, batch)
+        tt.optimizer_step(optimizer, params, loss, args.lr, step / args.steps)
+        if step % 50 == 0 or step == args.steps:
+            with torch.no_grad():
+                _, val_accuracy = tt.packed_answer_loss(
+                    model, [c for i in range(len(val)) for c in object_only_clips(model, val, i)])
+            print(f"{time.monotonic() - started:.0f}s step {step} loss {loss.item():.3f} "
+                  f"train acc {accuracy:.3f} val acc (attribute + fine detail, object tokens only) {val_accuracy:.3f}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
