@@ -1,0 +1,91 @@
+"""Curriculum probe: questions first see only their object's tokens, then ever more of the clip.
+
+    python -m eval.probe_curriculum --tower runs/tiny-a-step1000 --steps 1500 --ramp 1000
+
+The readout probe (`eval.probe_readout`) shows the LM reads an object's content quickly when
+nothing else is in view, while with the whole clip in view it stays at the answer prior. Here
+each question is packed with its object's tokens plus a random fraction d of the clip's other
+tokens, d rising linearly from 0 to 1 over `--ramp` steps, with binding supervision on; after
+the ramp every clip is whole and its questions are packed together as in `eval.train_tiny`.
+Validation is always on whole clips (`train_tiny.packed_eval`), so the curve says whether
+what is learnt in isolation carries over to the real task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+
+import numpy as np
+import torch
+
+from compressors import VisualTokens, parse_spec
+from eval import shapesworld as sw
+from eval import train_tiny as tt
+from vlm.model import VLM
+
+
+def ramped_clips(model: VLM, pool: tt.ClipPool, index: int, others: float, rng: random.Random) -> list[tt.PackedClip]:
+    """One packed clip per question: its objects' tokens plus a fraction `others` of the rest."""
+    features = pool.features[index].float()
+    tokens = VisualTokens.from_grid(model.projector(features), np.arange(len(features)) / sw.DEFAULT_CONFIG.fps)
+    eos = model.tokenizer.eos_token_id
+    clips = []
+    questions = pool.questions[index]
+    for question, mask in zip(questions, tt.binding_masks(tokens, pool.owners[index], questions)):
+        keep = mask | (torch.rand(len(tokens), generator=torch.Generator().manual_seed(rng.randrange(1 << 30))) < others)
+        if not keep.any():
+            continue
+        chosen = torch.nonzero(keep)[:, 0]
+        answer = model.tokenizer(question.answer, add_special_tokens=False).input_ids + [eos]
+        clips.append(tt.pack_clip(model, tokens.select(chosen), tokens.span_length, [question.text], [answer],
+                                  [mask[chosen]]))
+    return clips
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m eval.probe_curriculum", description=__doc__.split("\n")[0])
+    parser.add_argument("--tower", required=True, help="a model folder whose tower stage 1 trained")
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--ramp", type=int, default=1000, help="steps over which the other tokens come back")
+    parser.add_argument("--clips-per-step", type=int, default=8)
+    parser.add_argument("--train-clips", type=int, default=4000)
+    parser.add_argument("--val-clips", type=int, default=120)
+    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--lr", type=float, default=1.5e-3)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = tt.new_model(0)
+    model.encoder.load_state_dict(VLM.from_pretrained(args.tower, device="cpu").encoder.state_dict())
+    model.encoder.eval().requires_grad_(False)
+    train = tt.encode_pool(model, "train", tt.QA_FIRST_CLIP, args.train_clips)
+    val = tt.encode_pool(model, "val", 0, args.val_clips)
+    params = list(model.projector.parameters()) + list(model.lm.parameters())
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    whole = parse_spec("none")
+    rng = random.Random(0)
+    started = time.monotonic()
+    model.lm.train()
+    for step in range(1, args.steps + 1):
+        chosen = rng.sample(range(len(train)), args.clips_per_step)
+        others = min(1.0, step / args.ramp)
+        if others < 1.0:
+            batch = [c for i in chosen for c in ramped_clips(model, train, i, others, rng)]
+        else:
+            batch = [tt.packed_from_pool(model, train, i, whole, 0) for i in chosen]
+        loss, accuracy = tt.packed_answer_loss(model, batch, binding=True)
+        tt.optimizer_step(optimizer, params, loss, args.lr, step / args.steps)
+        if step % args.eval_every == 0 or step == args.steps:
+            model.lm.eval()
+            result = tt.packed_eval(model, val)
+            model.lm.train()
+            print(f"{time.monotonic() - started:.0f}s step {step} others {others:.2f} loss {loss.item():.3f} "
+                  f"train acc {accuracy:.3f} val (whole clips) {json.dumps(result)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
