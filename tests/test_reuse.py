@@ -102,8 +102,8 @@ def test_patch_reuse_on_a_moving_clip_recomputes_changed_patches_and_stays_close
     assert 0.2 < reuse.stats.skipped_fraction < 1.0
     relative_error = float((reused - full).norm() / full.norm())
     assert relative_error < 0.1  # documented tolerance for a moving clip; refreshes bound the drift
-    refreshed = [0, 4, 8, 12]  # full frames match exactly
-    torch.testing.assert_close(reused[refreshed], full[refreshed], atol=1e-5, rtol=1e-5)
+    refreshed = [0, 4, 8, 12]  # full frames match up to float noise (one frame vs a batch through the conv stem)
+    torch.testing.assert_close(reused[refreshed], full[refreshed], atol=1e-4, rtol=1e-4)
 
 
 def test_patch_reuse_with_threshold_zero_changes_nothing_that_changed(model):

@@ -124,9 +124,9 @@ class PatchReuseEncoder:
     """ENAT-style reuse for a frame sequence: re-encode only the patches that changed.
 
     Frame by frame, a patch whose pixels moved by more than `threshold` (mean absolute
-    difference, pixel values in [0, 1]) from the previous frame is recomputed through every
-    layer, its queries attending over all tokens; every other patch keeps last frame's
-    per-layer states. The class token is always recomputed. Unchanged tokens ignore what their
+    difference, pixel values in [0, 1]) from the previous frame (or, behind a `ConvStem`,
+    whose neighbour did) is recomputed through every layer, its queries attending over all
+    tokens; every other patch keeps last frame's per-layer states. The class token is always recomputed. Unchanged tokens ignore what their
     changed neighbours now say, so error accumulates: every `refresh_every` frames the whole
     frame is recomputed. State carries across `encode` calls, so a stream can feed frames as
     they arrive; `reset()` starts afresh.
@@ -198,6 +198,10 @@ class PatchReuseEncoder:
             return None
         patch = self.encoder.patch_size
         difference = (raw - self._previous_pixels).abs().mean(1)  # [1, S, S]
-        per_patch = F.avg_pool2d(difference[:, None], patch).flatten()  # [N]
+        per_patch = F.avg_pool2d(difference[:, None], patch)  # [1, 1, G, G]
         changed = per_patch > self.threshold
+        if isinstance(self.encoder.visual.conv1, ConvStem):
+            # A conv stem's token sees about one patch beyond its own: a change next door changes it too.
+            changed = F.max_pool2d(changed.float(), 3, stride=1, padding=1) > 0
+        changed = changed.flatten()  # [N]
         return None if bool(changed.all()) else changed
