@@ -5,7 +5,8 @@
 The readout probe (`eval.probe_readout`) shows the LM reads an object's content quickly when
 nothing else is in view, while with the whole clip in view it stays at the answer prior. Here
 each question is packed with its object's tokens plus a random fraction d of the clip's other
-tokens, d rising linearly from 0 to 1 over `--ramp` steps, with binding supervision on; after
+tokens, d rising linearly from 0 to 1 over `--ramp` steps, with binding supervision on
+(unless `--no-binding`); after
 the ramp every clip is whole and its questions are packed together as in `eval.train_tiny`.
 Validation is always on whole clips (`train_tiny.packed_eval`), so the curve says whether
 what is learnt in isolation carries over to the real task.
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val-clips", type=int, default=120)
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--lr", type=float, default=1.5e-3)
+    parser.add_argument("--no-binding", action="store_true", help="answer loss only (no binding supervision)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     if args.threads:
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
             batch = [c for i in chosen for c in ramped_clips(model, train, i, others, rng)]
         else:
             batch = [tt.packed_from_pool(model, train, i, whole, 0) for i in chosen]
-        loss, accuracy = tt.packed_answer_loss(model, batch, binding=True)
+        loss, accuracy = tt.packed_answer_loss(model, batch, binding=not args.no_binding)
         tt.optimizer_step(optimizer, params, loss, args.lr, step / args.steps)
         if step % args.eval_every == 0 or step == args.steps:
             model.lm.eval()

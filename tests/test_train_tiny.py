@@ -86,6 +86,6 @@ def test_binding_loss_is_low_when_the_head_already_attends_to_the_targets():
         from eval.train_tiny import packed_logits
         packed_logits(model, [clip], capture)
         assert capture["hidden"].shape[1] == len(clip.embeds) and BINDING_LAYER < len(model.lm.model.layers)
-        losses.append(float(binding_loss(model, [clip], capture)))
+        losses.append(float(binding_loss(model, [clip], capture).detach()))
     assert losses[0] < 1e-5 < losses[1]
     assert abs(losses[1] - np.log(len(tokens))) < 1.0  # a fresh head spreads its attention

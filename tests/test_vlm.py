@@ -91,3 +91,12 @@ def test_model_runs_in_another_dtype(clip):
     model = VLM.from_config(VLMConfig.from_name("vidsieve-tiny")).to(dtype=torch.bfloat16)
     answer = model.answer(*clip, "what colour is the circle?")
     assert answer.visual_after == 64 and answer.token_ids
+
+
+def test_conv_stem_halves_once_per_layer_down_to_one_token_per_patch():
+    from vlm.encoder import ConvStem
+
+    stem = ConvStem([8, 8, 8, 8], width=24, patch_size=16)
+    assert stem(torch.zeros(2, 3, 128, 128)).shape == (2, 24, 8, 8)
+    with pytest.raises(ValueError, match="one stride-2 layer per halving"):
+        ConvStem([8, 8], width=24, patch_size=16)

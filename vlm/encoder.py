@@ -39,8 +39,9 @@ class ConvStem(nn.Sequential):
 
     A linear 16x16 patch embedding sees one patch at a time: a small object straddling patch
     borders shows each token a fragment, and telling a circle from a diamond needs the
-    fragments put together. Each stem output sees about 31 px around its patch, so every token
-    holds the shape of the object it covers and the colour of a dot inside it.
+    fragments put together. Each stem output sees about 31 px around its patch, so a token can
+    hold the shape of the object it covers and the colour of a dot inside it (per-patch
+    accuracies after training in docs/TRAINING.md).
     """
 
     def __init__(self, channels: list[int], width: int, patch_size: int):
@@ -126,9 +127,9 @@ class PatchReuseEncoder:
     Frame by frame, a patch whose pixels moved by more than `threshold` (mean absolute
     difference, pixel values in [0, 1]) from the previous frame (or, behind a `ConvStem`,
     whose neighbour did) is recomputed through every layer, its queries attending over all
-    tokens; every other patch keeps last frame's per-layer states. The class token is always recomputed. Unchanged tokens ignore what their
-    changed neighbours now say, so error accumulates: every `refresh_every` frames the whole
-    frame is recomputed. State carries across `encode` calls, so a stream can feed frames as
+    tokens; every other patch keeps last frame's per-layer states. The class token is always
+    recomputed. Unchanged tokens ignore what their changed neighbours now say, so error
+    accumulates: every `refresh_every` frames the whole frame is recomputed. State carries across `encode` calls, so a stream can feed frames as
     they arrive; `reset()` starts afresh.
     """
 
