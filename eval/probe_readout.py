@@ -26,14 +26,15 @@ from vlm.model import VLM
 READ_OUT_TYPES = ("attribute", "fine_detail")
 
 
-def object_only_clips(model: VLM, pool: tt.ClipPool, index: int) -> list[tt.PackedClip]:
-    """One packed clip per attribute/fine-detail question, holding only its object's tokens."""
+def object_only_clips(model: VLM, pool: tt.ClipPool, index: int,
+                      types: tuple[str, ...] = READ_OUT_TYPES) -> list[tt.PackedClip]:
+    """One packed clip per question of `types`, holding only its objects' tokens."""
     features = pool.features[index].float()
     tokens = VisualTokens.from_grid(model.projector(features), np.arange(len(features)) / sw.DEFAULT_CONFIG.fps)
     eos = model.tokenizer.eos_token_id
     clips = []
     for question, mask in zip(pool.questions[index], tt.binding_masks(tokens, pool.owners[index], pool.questions[index])):
-        if question.type in READ_OUT_TYPES and mask.any():
+        if question.type in types and mask.any():
             answer = model.tokenizer(question.answer, add_special_tokens=False).input_ids + [eos]
             kept = tokens.select(torch.nonzero(mask)[:, 0])
             clips.append(tt.pack_clip(model, kept, tokens.span_length, [question.text], [answer]))
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-clips", type=int, default=1500)
     parser.add_argument("--val-clips", type=int, default=60)
     parser.add_argument("--lr", type=float, default=1.5e-3)
+    parser.add_argument("--all-types", action="store_true", help="every question type, not just attribute and fine detail")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     if args.threads:
@@ -59,18 +61,20 @@ def main(argv: list[str] | None = None) -> None:
     val = tt.encode_pool(model, "val", 0, args.val_clips)
     params = list(model.projector.parameters()) + list(model.lm.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    types = tuple(sw.QUESTION_TYPES) if args.all_types else READ_OUT_TYPES
     rng = random.Random(0)
     started = time.monotonic()
     for step in range(1, args.steps + 1):
-        batch = [c for i in rng.sample(range(len(train)), args.clips_per_step) for c in object_only_clips(model, train, i)]
+        batch = [c for i in rng.sample(range(len(train)), args.clips_per_step) for c in object_only_clips(model, train, i, types)]
         loss, accuracy = tt.packed_answer_loss(model, batch)
         tt.optimizer_step(optimizer, params, loss, args.lr, step / args.steps)
         if step % 50 == 0 or step == args.steps:
             with torch.no_grad():
                 _, val_accuracy = tt.packed_answer_loss(
-                    model, [c for i in range(len(val)) for c in object_only_clips(model, val, i)])
+                    model, [c for i in range(len(val)) for c in object_only_clips(model, val, i, types)])
             print(f"{time.monotonic() - started:.0f}s step {step} loss {loss.item():.3f} "
-                  f"train acc {accuracy:.3f} val acc (attribute + fine detail, object tokens only) {val_accuracy:.3f}",
+                  f"train acc {accuracy:.3f} val acc ({'every type' if args.all_types else 'attribute + fine detail'}, "
+                  f"object tokens only) {val_accuracy:.3f}",
                   flush=True)
 
 
