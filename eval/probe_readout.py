@@ -54,13 +54,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = tt.new_model(0)
-    model.encoder.load_state_dict(VLM.from_pretrained(args.tower, device="cpu").encoder.state_dict())
-    model.encoder.eval().requires_grad_(False)
+    model = tt.model_on_tower(args.tower)
     train = tt.encode_pool(model, "train", tt.QA_FIRST_CLIP, args.train_clips)
     val = tt.encode_pool(model, "val", 0, args.val_clips)
-    params = list(model.projector.parameters()) + list(model.lm.parameters())
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    optimizer, params = tt.qa_optimizer(model, args.lr)
     types = tuple(sw.QUESTION_TYPES) if args.all_types else READ_OUT_TYPES
     rng = random.Random(0)
     started = time.monotonic()

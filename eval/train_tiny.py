@@ -274,6 +274,21 @@ def packed_from_pool(model: VLM, pool: ClipPool, index: int, spec: CompressorSpe
                      binding_masks(kept, pool.owners[index], questions))
 
 
+def model_on_tower(folder: str | Path, seed: int = 0) -> VLM:
+    """A fresh model (projector + LM at init) on the frozen tower of `folder`, a model that
+    stage 1 of this recipe trained: where QA training and the probes start."""
+    model = new_model(seed)
+    model.encoder.load_state_dict(VLM.from_pretrained(folder, device="cpu").encoder.state_dict())
+    model.encoder.eval().requires_grad_(False)
+    return model
+
+
+def qa_optimizer(model: VLM, lr: float, weight_decay: float = 0.01) -> tuple[torch.optim.Optimizer, list]:
+    """AdamW over what the QA stage trains (projector and LM), and that parameter list."""
+    params = list(model.projector.parameters()) + list(model.lm.parameters())
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), params
+
+
 def train_qa(model: VLM, config: TrainConfig, report: Callable[[str], None], pool=None,
              checkpoint: Callable[[int], None] | None = None) -> None:
     model.encoder.requires_grad_(False).eval()
@@ -282,8 +297,7 @@ def train_qa(model: VLM, config: TrainConfig, report: Callable[[str], None], poo
     train = encode_pool(model, "train", QA_FIRST_CLIP, config.qa_pool_clips, pool)
     val = encode_pool(model, "val", 0, config.eval_clips, pool)
     report(f"encoded in {time.monotonic() - started:.0f} s")
-    params = list(model.projector.parameters()) + list(model.lm.parameters())
-    optimizer = torch.optim.AdamW(params, lr=config.qa_lr, weight_decay=config.weight_decay)
+    optimizer, params = qa_optimizer(model, config.qa_lr, config.weight_decay)
     specs = [parse_spec(text) for text, _ in AUGMENTATIONS]
     weights = [weight for _, weight in AUGMENTATIONS]
     rng = random.Random(config.seed)
@@ -547,7 +561,10 @@ def train_tiny(out: Path, config: TrainConfig, report: Callable[[str], None] = p
     with worker_pool(config.workers) as pool:
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
-        model = new_model(config.seed).to(config.device)
+        if config.perception_from:
+            model = model_on_tower(config.perception_from, config.seed).to(config.device)
+        else:
+            model = new_model(config.seed).to(config.device)
 
         def save(qa_step: int) -> None:
             model.config.trained = True
@@ -561,8 +578,6 @@ def train_tiny(out: Path, config: TrainConfig, report: Callable[[str], None] = p
 
         if config.perception_from:
             report(f"stage 1: the tower of {config.perception_from} (trained by this recipe's stage 1)")
-            model.encoder.load_state_dict(VLM.from_pretrained(config.perception_from, device="cpu").encoder.state_dict())
-            model.encoder.eval()
         else:
             report(f"stage 1: perception pretraining, {config.perception_steps} steps on {config.device}")
             train_perception(model, config, report, pool)
