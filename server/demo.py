@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import tempfile
 import time
 import uuid
 from collections import Counter, OrderedDict
@@ -457,6 +458,24 @@ def _question(text: str | None) -> str:
 # --- the page -----------------------------------------------------------------------------------
 
 
+def as_png_files(values: tuple, folder: Path) -> tuple:
+    """Hand each PIL image to Gradio as a PNG file written once.
+
+    A streaming handler yields the same overlay with every token. Given the image itself, Gradio
+    re-encodes it into its cache file on every yield, rewriting the file while the browser may be
+    reading it (uvicorn then fails with "Too much data for declared Content-Length"). A file that
+    is written once and never changes is copied into the cache once, atomically."""
+    out = []
+    for value in values:
+        if isinstance(value, Image.Image):
+            path = folder / f"overlay-{id(value):x}.png"
+            if not path.exists():
+                value.save(path, format="PNG")
+            value = str(path)
+        out.append(value)
+    return tuple(out)
+
+
 def build_demo(default_model: str = DEFAULT_MODEL):
     """The Gradio Blocks app. API names: /ask, /compare, /live_frame, /live_example, /live_ask."""
     gr = import_gradio()
@@ -467,15 +486,17 @@ def build_demo(default_model: str = DEFAULT_MODEL):
     def reported(handler, outputs: int):
         """Run a streaming handler; a user's mistake (or a bug) becomes a toast and a status line."""
         def run(*args):
-            try:
-                yield from handler(*args)
-            except VidsieveError as error:
-                gr.Warning(str(error))
-                yield (*[gr.skip()] * (outputs - 1), f"Error: {error}")
-            except Exception as error:
-                log.exception("demo handler failed")
-                gr.Warning(f"internal error: {type(error).__name__}")
-                yield (*[gr.skip()] * (outputs - 1), f"Error: internal error ({type(error).__name__}); see the server log.")
+            with tempfile.TemporaryDirectory(prefix="vidsieve-demo-") as folder:
+                try:
+                    for values in handler(*args):
+                        yield as_png_files(values, Path(folder))
+                except VidsieveError as error:
+                    gr.Warning(str(error))
+                    yield (*[gr.skip()] * (outputs - 1), f"Error: {error}")
+                except Exception as error:
+                    log.exception("demo handler failed")
+                    gr.Warning(f"internal error: {type(error).__name__}")
+                    yield (*[gr.skip()] * (outputs - 1), f"Error: internal error ({type(error).__name__}); see the server log.")
         return run
 
     def example_picker(video, question, **options):
