@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="training clips encoded once by the frozen tower and revisited for QA (default: the recipe's)")
     tiny.add_argument("--eval-every", type=int, help="QA steps between validation passes and checkpoints")
     tiny.add_argument("--perception-from", help="reuse the tower of a model folder trained by this recipe's stage 1")
+    tiny.add_argument("--curriculum", type=parse_curriculum,
+                      help="QA steps on clips cut to a few frames before whole clips, as STEPS:FRAMES,... "
+                           "(default: the recipe's; 'none' for whole clips from the start)")
     tiny.add_argument("--device", default="cpu", help="cpu or cuda: the same steps give the same recipe")
     tiny.add_argument("--workers", type=int, default=1, help="clip-rendering processes (0: none)")
     tiny.add_argument("--seed", type=int, default=0)
@@ -199,6 +202,19 @@ def run_annotate(args: argparse.Namespace) -> int:
     return EXIT_SOME_FAILED if summary.has_errors else EXIT_OK
 
 
+def parse_curriculum(text: str) -> tuple[tuple[int, int], ...]:
+    """'1500:1,500:2' -> ((1500, 1), (500, 2)); 'none' -> ()."""
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        stages = tuple(tuple(int(part) for part in stage.split(":")) for stage in text.split(","))
+    except ValueError:
+        stages = ((),)
+    if not all(len(stage) == 2 and min(stage) > 0 for stage in stages):
+        raise argparse.ArgumentTypeError(f"--curriculum must be STEPS:FRAMES,... with positive integers; got {text!r}")
+    return stages
+
+
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
@@ -206,7 +222,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    chosen = {name: getattr(args, name) for name in ("perception_steps", "qa_steps", "qa_pool_clips", "eval_every")}
+    chosen = {name: getattr(args, name)
+              for name in ("perception_steps", "qa_steps", "qa_pool_clips", "eval_every", "curriculum")}
     config = TrainConfig(**{name: value for name, value in chosen.items() if value is not None},
                          device=args.device, workers=args.workers, seed=args.seed,
                          perception_from=args.perception_from)

@@ -1,6 +1,7 @@
 """The training recipe's pieces: packed question segments and per-patch perception targets."""
 
 import numpy as np
+import pytest
 import torch
 
 from compressors import CompressionContext, parse_spec
@@ -89,3 +90,81 @@ def test_binding_loss_is_low_when_the_head_already_attends_to_the_targets():
         losses.append(float(binding_loss(model, [clip], capture).detach()))
     assert losses[0] < 1e-5 < losses[1]
     assert abs(losses[1] - np.log(len(tokens))) < 1.0  # a fresh head spreads its attention
+
+
+def test_curriculum_keeps_the_chosen_frames_and_only_questions_they_answer():
+    from eval.train_tiny import FRAME_LOCAL_TYPES, encode_pool, frames_at, packed_from_pool
+
+    assert [frames_at(((2, 1), (3, 4)), step) for step in range(1, 8)] == [1, 1, 4, 4, 4, None, None]
+    model = new_model(0)
+    pool = encode_pool(model, "train", 0, 2)
+    none = parse_spec("none")
+    whole = packed_from_pool(model, pool, 0, none, seed=0)
+    assert whole.visual_span[1] - whole.visual_span[0] == pool.features.shape[1] * 16  # 16 merged tokens a frame
+    assert len(whole.first_answer_at) == len(pool.questions[0])
+    asked = 0
+    for seed in range(6):
+        clip = packed_from_pool(model, pool, 0, none, seed=seed, frames=1)
+        if clip is None:
+            continue
+        start, end = clip.visual_span
+        assert end - start == 16  # one frame's tokens
+        frame = (clip.positions[start] - start) // 16  # tokens keep their original positions
+        assert ((clip.positions[start:end] - start) // 16 == frame).all()
+        assert 0 < len(clip.first_answer_at) < len(pool.questions[0])
+        for targets in clip.binding_targets:
+            assert targets.shape == (16,) and targets.any()  # each kept question's object is in view
+        asked += len(clip.first_answer_at)
+    assert asked > 0
+    local = [q for q in pool.questions[0] if q.type in FRAME_LOCAL_TYPES]
+    assert local and len(local) < len(pool.questions[0])
+
+
+@pytest.mark.slow
+def test_binding_probe_learns_to_find_the_named_object_among_short_clips():
+    """The synthetic binding probe (eval.probe_binding): with binding supervision, the LM and
+    the packing/binding machinery learn to answer about the named object among 16 tokens."""
+    from eval.probe_binding import run_probe
+
+    accuracies = run_probe([(1, 250)], "linear", binding=True, clips_per_step=16, report=lambda line: None)
+    assert np.mean(accuracies[:20]) < 0.4  # chance is 1/5 to start
+    assert np.mean(accuracies[-20:]) > 0.9
+
+
+def test_projector_content_is_unit_rms_whatever_the_feature_scale():
+    """Visual tokens are not dwarfed by what the LM adds to them: the projector's content part
+    leaves it at unit RMS per token (a LayerNorm), and the fixed where/when embeddings are small."""
+    from vlm.projector import WHERE_WHEN_SCALE
+
+    projector = new_model(0).projector
+    for scale in (0.1, 1.0, 100.0):
+        features = scale * torch.randn(2, 8, 8, projector.patch[0].in_features)
+        content = projector.content(features)
+        rms = content.pow(2).mean(-1).sqrt()
+        torch.testing.assert_close(rms, torch.ones_like(rms), atol=1e-2, rtol=0)
+        where_when = projector(features) - content
+        torch.testing.assert_close(where_when.pow(2).mean(-1).sqrt(),
+                                   torch.full_like(rms, WHERE_WHEN_SCALE / 2 ** 0.5), atol=1e-4, rtol=0)
+
+
+def test_projector_merges_a_bag_of_patches_and_tells_tokens_apart_by_place():
+    """A merged token is the same whatever sub-patch of its block an object falls in (so an
+    object that straddles tokens looks alike in each), and each token's place is added to it."""
+    projector = new_model(0).projector
+    width = projector.patch[0].in_features
+    torch.manual_seed(0)
+    thing = torch.randn(width)
+    tokens = []
+    for row, col in ((0, 0), (0, 1), (1, 0), (1, 1)):  # the same feature in each patch of block (0, 0)
+        features = torch.zeros(1, 4, 4, width)
+        features[0, row, col] = thing
+        tokens.append(projector.content(features)[0, 0, 0])
+    for token in tokens[1:]:
+        torch.testing.assert_close(token, tokens[0])
+    elsewhere = torch.zeros(1, 4, 4, width)
+    elsewhere[0, 2, 2] = thing  # block (1, 1)
+    torch.testing.assert_close(projector.content(elsewhere)[0, 1, 1], tokens[0])
+    placed = projector(elsewhere)
+    assert not torch.allclose(placed[0, 1, 1], placed[0, 0, 0])
+    later = projector(elsewhere, frame_index=torch.tensor([5]))
+    assert not torch.allclose(later[0, 1, 1], placed[0, 1, 1])

@@ -81,7 +81,7 @@ PRESETS = {
                    "mlp_ratio": 2.0, "conv_stem": [16, 32, 48, 64]},
         "lm": {"model_type": "qwen2", "vocab_size": 128, "hidden_size": 128, "intermediate_size": 384,
                "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-               "max_position_embeddings": 4096, "rope_theta": 10000.0, "tie_word_embeddings": True},
+               "max_position_embeddings": 4096, "rope_theta": 1_000_000.0, "tie_word_embeddings": True},
     },
 }
 
