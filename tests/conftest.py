@@ -33,3 +33,23 @@ def demo_url():
     yield blocks.local_url
     blocks.close()
     blocks.handlers.close()
+
+
+@pytest.fixture(scope="session")
+def talkative_example():
+    """A bundled example on which the default vidsieve-tiny says words under VideoScan (one and
+    two carriers a frame), so a test comparing streamed text compares real text. An untrained
+    model says nothing on most clips; which clips it speaks on changes with its init."""
+    import numpy as np
+
+    from server.demo import bundled_examples
+    from streaming import open_video
+    from vlm.model import VLM
+
+    model = VLM.from_pretrained("vidsieve-tiny")
+    for example in bundled_examples():
+        frames = open_video(example.video, num_frames=model.config.num_frames).read_all()
+        rgb, times = np.stack([f.rgb for f in frames]), [f.timestamp_s for f in frames]
+        if all(model.answer(rgb, times, example.question, spec).text for spec in ("videoscan", "videoscan:per_frame=2")):
+            return example
+    pytest.fail("vidsieve-tiny says nothing on any bundled example under videoscan")

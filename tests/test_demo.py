@@ -56,10 +56,8 @@ def test_trained_default_model_gives_the_manifests_correct_answer(client):
     assert answer == EXAMPLE.answer, status
 
 
-def test_side_by_side_answers_equal_each_compressors_offline_answer(client, model):
-    # Under random init most answers decode to no words; VideoScan on this clip gives words, so the
-    # streamed text is really compared.
-    example = bundled_examples()[1]
+def test_side_by_side_answers_equal_each_compressors_offline_answer(client, model, talkative_example):
+    example = talkative_example  # VideoScan makes the model say words here, so real text is compared
     answer_a, overlay_a, answer_b, overlay_b, stats, status = client.predict(
         gradio_client.handle_file(str(example.video)), example.question, "vidsieve-tiny", "dense", "videoscan", "fastv",
         "per_frame=2", api_name="/compare")

@@ -9,7 +9,6 @@ pytest.importorskip("gradio", reason="the demo extra is not installed (pip insta
 pytest.importorskip("playwright", reason="playwright is not installed (pip install vidsieve[dev])")
 
 from eval.demo_screenshot import CHROMIUM, launch_chromium, run_example  # noqa: E402
-from server.demo import bundled_examples  # noqa: E402
 from streaming import open_video  # noqa: E402
 from vlm.model import VLM  # noqa: E402
 
@@ -20,11 +19,10 @@ pytestmark = [
 ]
 
 
-def test_browser_runs_an_example_and_shows_the_streamed_answer_and_the_overlay(demo_url, tmp_path):
+def test_browser_runs_an_example_and_shows_the_streamed_answer_and_the_overlay(demo_url, tmp_path, talkative_example):
     from playwright.sync_api import sync_playwright
 
-    # VideoScan on this clip makes even the untrained model say words, so the answer text is visible.
-    example = bundled_examples()[1]
+    example = talkative_example  # VideoScan makes the model say words here, so the answer text is visible
     model = VLM.from_pretrained("vidsieve-tiny")
     frames = open_video(example.video, num_frames=model.config.num_frames).read_all()
     expected = model.answer(np.stack([f.rgb for f in frames]), [f.timestamp_s for f in frames], example.question,
