@@ -54,8 +54,8 @@ AUGMENTATIONS = (
 # The QA curriculum: (steps, frames kept per clip) before whole clips. Reading one object among
 # 256 tokens does not start from scratch: the head that finds it and the words that name it have
 # to form together, and with many tokens in view neither gets a gradient (measured on a synthetic
-# task with one-hot features: 16 tokens learn in 150 steps, 64 barely move in 300, 256 sit at
-# chance). Formed on short clips, the circuit carries over to whole clips at once.
+# task with one-hot features, `python -m eval.probe_binding`: 16 tokens learn in 150 steps, 64
+# and 256 sit at chance). Formed on short clips, the circuit carries over to whole clips at once.
 CURRICULUM = ((1000, 1), (500, 2), (500, 4))
 # Question types whose answer one frame can show (the curriculum asks only these).
 FRAME_LOCAL_TYPES = frozenset({"attribute", "fine_detail", "instruction", "position"})
@@ -345,7 +345,8 @@ def train_qa(model: VLM, config: TrainConfig, report: Callable[[str], None], poo
         loss, accuracy = packed_answer_loss(model, packed, binding=config.binding)
         optimizer_step(optimizer, params, loss, config.qa_lr, step / config.qa_steps)
         if step % 25 == 0:
-            report(f"qa step {step}/{config.qa_steps} frames {frames or 'all'} epoch {step * config.qa_clips_per_step / len(train):.2f} "
+            epoch = step * config.qa_clips_per_step / len(train)
+            report(f"qa step {step}/{config.qa_steps} frames {frames or 'all'} epoch {epoch:.2f} "
                    f"questions {seen} loss {loss.item():.3f} first-token acc {accuracy:.3f}")
             config.log.append({"stage": "qa", "step": step, "questions": seen, "loss": loss.item(),
                                "train_acc": accuracy})

@@ -168,3 +168,15 @@ def test_projector_merges_a_bag_of_patches_and_tells_tokens_apart_by_place():
     assert not torch.allclose(placed[0, 1, 1], placed[0, 0, 0])
     later = projector(elsewhere, frame_index=torch.tensor([5]))
     assert not torch.allclose(later[0, 1, 1], placed[0, 1, 1])
+
+
+def test_curriculum_flag_parses_stages_and_names_a_bad_one():
+    import argparse
+
+    from server.cli import parse_curriculum
+
+    assert parse_curriculum("1500:1,500:2") == ((1500, 1), (500, 2))
+    assert parse_curriculum("none") == ()
+    for bad in ("3:x", "3", "0:1", "5:1,,"):
+        with pytest.raises(argparse.ArgumentTypeError, match="STEPS:FRAMES"):
+            parse_curriculum(bad)
