@@ -19,7 +19,7 @@ goes with which shape (a linear layer over the patches first adds "red" from one
 "circle" from another). And the merge is a sum, not Qwen2-VL's concatenation: an object that
 straddles tokens falls in different sub-patches of each, and concatenated it looks different
 in every one; with objects off the merge grid the probe sat at chance with concatenation and
-learnt within 200 steps with the sum.
+learnt with the sum (93-95% by step 300 for two seeds; when it takes off varies by seed).
 """
 
 from __future__ import annotations
