@@ -14,24 +14,20 @@ what is learnt in isolation carries over to the real task.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import time
 
-import numpy as np
 import torch
 
-from compressors import VisualTokens, parse_spec
-from eval import shapesworld as sw
+from compressors import parse_spec
 from eval import train_tiny as tt
 from vlm.model import VLM
 
 
 def ramped_clips(model: VLM, pool: tt.ClipPool, index: int, others: float, rng: random.Random) -> list[tt.PackedClip]:
     """One packed clip per question: its objects' tokens plus a fraction `others` of the rest."""
-    features = pool.features[index].float()
-    tokens = VisualTokens.from_grid(model.projector(features), np.arange(len(features)) / sw.DEFAULT_CONFIG.fps)
+    tokens = tt.pool_tokens(model, pool, index)
     eos = model.tokenizer.eos_token_id
     clips = []
     questions = pool.questions[index]
@@ -47,24 +43,13 @@ def ramped_clips(model: VLM, pool: tt.ClipPool, index: int, others: float, rng: 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m eval.probe_curriculum", description=__doc__.split("\n")[0])
-    parser.add_argument("--tower", required=True, help="a model folder whose tower stage 1 trained")
-    parser.add_argument("--steps", type=int, default=1500)
+    parser = tt.probe_parser("python -m eval.probe_curriculum", __doc__, steps=1500, clips_per_step=8,
+                             train_clips=4000, val_clips=120)
     parser.add_argument("--ramp", type=int, default=1000, help="steps over which the other tokens come back")
-    parser.add_argument("--clips-per-step", type=int, default=8)
-    parser.add_argument("--train-clips", type=int, default=4000)
-    parser.add_argument("--val-clips", type=int, default=120)
     parser.add_argument("--eval-every", type=int, default=250)
-    parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--no-binding", action="store_true", help="answer loss only (no binding supervision)")
-    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = tt.model_on_tower(args.tower)
-    train = tt.encode_pool(model, "train", tt.QA_FIRST_CLIP, args.train_clips)
-    val = tt.encode_pool(model, "val", 0, args.val_clips)
-    optimizer, params = tt.qa_optimizer(model, args.lr)
+    model, train, val, optimizer, params = tt.start_probe(args)
     whole = parse_spec("none")
     rng = random.Random(0)
     started = time.monotonic()

@@ -11,14 +11,11 @@ compares it with the full task, where the same LM stays at the answer prior.
 
 from __future__ import annotations
 
-import argparse
 import random
 import time
 
-import numpy as np
 import torch
 
-from compressors import VisualTokens
 from eval import shapesworld as sw
 from eval import train_tiny as tt
 from vlm.model import VLM
@@ -29,8 +26,7 @@ READ_OUT_TYPES = ("attribute", "fine_detail")
 def object_only_clips(model: VLM, pool: tt.ClipPool, index: int,
                       types: tuple[str, ...] = READ_OUT_TYPES) -> list[tt.PackedClip]:
     """One packed clip per question of `types`, holding only its objects' tokens."""
-    features = pool.features[index].float()
-    tokens = VisualTokens.from_grid(model.projector(features), np.arange(len(features)) / sw.DEFAULT_CONFIG.fps)
+    tokens = tt.pool_tokens(model, pool, index)
     eos = model.tokenizer.eos_token_id
     clips = []
     for question, mask in zip(pool.questions[index], tt.binding_masks(tokens, pool.owners[index], pool.questions[index])):
@@ -42,22 +38,11 @@ def object_only_clips(model: VLM, pool: tt.ClipPool, index: int,
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m eval.probe_readout", description=__doc__.split("\n")[0])
-    parser.add_argument("--tower", required=True, help="a model folder whose tower stage 1 trained")
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--clips-per-step", type=int, default=12)
-    parser.add_argument("--train-clips", type=int, default=1500)
-    parser.add_argument("--val-clips", type=int, default=60)
-    parser.add_argument("--lr", type=float, default=1.5e-3)
+    parser = tt.probe_parser("python -m eval.probe_readout", __doc__, steps=600, clips_per_step=12,
+                             train_clips=1500, val_clips=60)
     parser.add_argument("--all-types", action="store_true", help="every question type, not just attribute and fine detail")
-    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = tt.model_on_tower(args.tower)
-    train = tt.encode_pool(model, "train", tt.QA_FIRST_CLIP, args.train_clips)
-    val = tt.encode_pool(model, "val", 0, args.val_clips)
-    optimizer, params = tt.qa_optimizer(model, args.lr)
+    model, train, val, optimizer, params = tt.start_probe(args)
     types = tuple(sw.QUESTION_TYPES) if args.all_types else READ_OUT_TYPES
     rng = random.Random(0)
     started = time.monotonic()

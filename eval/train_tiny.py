@@ -22,6 +22,7 @@ FOLDER` runs both stages and saves through `save_pretrained` at every validation
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import multiprocessing
@@ -279,17 +280,16 @@ def packed_from_pool(model: VLM, pool: ClipPool, index: int, spec: CompressorSpe
     With `frames` (the QA curriculum, see CURRICULUM), only that many random frames of the clip
     are kept, uncompressed, and only the questions answerable from them: a frame-local type,
     its frame among those kept, and its object visible in them. None when no question is left."""
-    features = pool.features[index].float()
-    timestamps = np.arange(len(features)) / sw.DEFAULT_CONFIG.fps
-    tokens = VisualTokens.from_grid(model.projector(features), timestamps)
+    tokens = pool_tokens(model, pool, index)
     questions = pool.questions[index]
-    if frames is None or frames >= tokens.num_frames:
-        kept = spec.compressor.compress(tokens, CompressionContext(budget=spec.budget, seed=seed, model=model))
-        masks = binding_masks(kept, pool.owners[index], questions)
-    else:
+    cut = frames is not None and frames < tokens.num_frames
+    if cut:
         chosen = torch.tensor(random.Random(seed).sample(range(tokens.num_frames), frames))
         kept = tokens.select(torch.isin(tokens.frame_index.cpu(), chosen))
-        masks = binding_masks(kept, pool.owners[index], questions)
+    else:
+        kept = spec.compressor.compress(tokens, CompressionContext(budget=spec.budget, seed=seed, model=model))
+    masks = binding_masks(kept, pool.owners[index], questions)
+    if cut:
         answerable = [i for i, (q, m) in enumerate(zip(questions, masks))
                       if q.type in FRAME_LOCAL_TYPES and bool(m.any())]
         if not answerable:
@@ -298,6 +298,12 @@ def packed_from_pool(model: VLM, pool: ClipPool, index: int, spec: CompressorSpe
     eos = model.tokenizer.eos_token_id
     answers = [model.tokenizer(q.answer, add_special_tokens=False).input_ids + [eos] for q in questions]
     return pack_clip(model, kept, tokens.span_length, [q.text for q in questions], answers, masks)
+
+
+def pool_tokens(model: VLM, pool: ClipPool, index: int) -> VisualTokens:
+    """Every visual token of clip `index` of the pool: its tower features through the projector."""
+    features = pool.features[index].float()
+    return VisualTokens.from_grid(model.projector(features), np.arange(len(features)) / sw.DEFAULT_CONFIG.fps)
 
 
 def model_on_tower(folder: str | Path, seed: int = 0) -> VLM:
@@ -310,6 +316,30 @@ def model_on_tower(folder: str | Path, seed: int = 0) -> VLM:
     model.encoder.load_state_dict(tower)
     model.encoder.eval().requires_grad_(False)
     return model
+
+
+def probe_parser(prog: str, doc: str, *, steps: int, clips_per_step: int, train_clips: int,
+                 val_clips: int) -> argparse.ArgumentParser:
+    """The options every QA probe on a stage-1 tower shares (eval.probe_readout, eval.probe_curriculum)."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n")[0])
+    parser.add_argument("--tower", required=True, help="a model folder whose tower stage 1 trained")
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--clips-per-step", type=int, default=clips_per_step)
+    parser.add_argument("--train-clips", type=int, default=train_clips)
+    parser.add_argument("--val-clips", type=int, default=val_clips)
+    parser.add_argument("--lr", type=float, default=1.5e-3)
+    parser.add_argument("--threads", type=int, default=None)
+    return parser
+
+
+def start_probe(args: argparse.Namespace) -> tuple[VLM, ClipPool, ClipPool, torch.optim.Optimizer, list]:
+    """(model, train pool, val pool, optimizer, its params) for a probe parsed by `probe_parser`."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = model_on_tower(args.tower)
+    train = encode_pool(model, "train", QA_FIRST_CLIP, args.train_clips)
+    val = encode_pool(model, "val", 0, args.val_clips)
+    return (model, train, val, *qa_optimizer(model, args.lr))
 
 
 def qa_optimizer(model: VLM, lr: float, weight_decay: float = 0.01) -> tuple[torch.optim.Optimizer, list]:
