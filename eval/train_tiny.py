@@ -75,6 +75,7 @@ class TrainConfig:
     qa_lr: float = 1.5e-3
     weight_decay: float = 0.01
     binding: bool = True  # supervise one attention head with the scene's object locations (BINDING_LAYER)
+    look_weight: float = 0.0  # on the first-look / last-look heads; 0: off (runs F and G, docs/TRAINING.md)
     curriculum: tuple = CURRICULUM  # (steps, frames) before whole clips; counted in qa_steps
     seed: int = 0
     eval_every: int = 500  # QA steps between validation passes (and checkpoints)
@@ -289,15 +290,17 @@ def packed_from_pool(model: VLM, pool: ClipPool, index: int, spec: CompressorSpe
     else:
         kept = spec.compressor.compress(tokens, CompressionContext(budget=spec.budget, seed=seed, model=model))
     masks = binding_masks(kept, pool.owners[index], questions)
+    looks = look_masks(kept, pool.owners[index], questions)
     if cut:
         answerable = [i for i, (q, m) in enumerate(zip(questions, masks))
                       if q.type in FRAME_LOCAL_TYPES and bool(m.any())]
         if not answerable:
             return None
-        questions, masks = [questions[i] for i in answerable], [masks[i] for i in answerable]
+        questions = [questions[i] for i in answerable]
+        masks, looks = [masks[i] for i in answerable], [looks[i] for i in answerable]
     eos = model.tokenizer.eos_token_id
     answers = [model.tokenizer(q.answer, add_special_tokens=False).input_ids + [eos] for q in questions]
-    return pack_clip(model, kept, tokens.span_length, [q.text for q in questions], answers, masks)
+    return pack_clip(model, kept, tokens.span_length, [q.text for q in questions], answers, masks, looks)
 
 
 def pool_tokens(model: VLM, pool: ClipPool, index: int) -> VisualTokens:
@@ -372,7 +375,7 @@ def train_qa(model: VLM, config: TrainConfig, report: Callable[[str], None], poo
                   for i in chosen]
         packed = [clip for clip in packed if clip is not None]
         seen += sum(len(clip.first_answer_at) for clip in packed)
-        loss, accuracy = packed_answer_loss(model, packed, binding=config.binding)
+        loss, accuracy = packed_answer_loss(model, packed, binding=config.binding, look_weight=config.look_weight)
         optimizer_step(optimizer, params, loss, config.qa_lr, step / config.qa_steps)
         if step % 25 == 0:
             epoch = step * config.qa_clips_per_step / len(train)
@@ -437,10 +440,12 @@ class PackedClip:
     first_answer_ids: list[int]
     visual_span: tuple[int, int] = (0, 0)  # [start, end) of the visual tokens
     binding_targets: list[torch.Tensor | None] = field(default_factory=list)  # per question: [visual] bool
+    look_targets: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)  # (first, last)
 
 
 def pack_clip(model: VLM, kept: VisualTokens, span_length: int, questions: list[str],
-              answers: list[list[int]], binding_targets: list[torch.Tensor | None] | None = None) -> PackedClip:
+              answers: list[list[int]], binding_targets: list[torch.Tensor | None] | None = None,
+              look_targets: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None) -> PackedClip:
     prefix_ids, _ = model._prompt_ids("")
     embeds, positions, _, _ = model._layout(prefix_ids, kept, torch.arange(len(prefix_ids)))
     after_video = len(prefix_ids) + span_length
@@ -456,7 +461,8 @@ def pack_clip(model: VLM, kept: VisualTokens, span_length: int, questions: list[
         offset += len(ids)
     return PackedClip(torch.cat([e for e, _ in parts]), torch.cat([p for _, p in parts]), torch.cat(labels),
                       torch.cat(segments).long(), first_at, [a[0] for a in answers],
-                      (len(prefix_ids), len(prefix_ids) + len(kept)), binding_targets or [None] * len(questions))
+                      (len(prefix_ids), len(prefix_ids) + len(kept)), binding_targets or [None] * len(questions),
+                      look_targets or [None] * len(questions))
 
 
 def packed_logits(model: VLM, clips: list[PackedClip], capture: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -499,41 +505,65 @@ def packed_logits(model: VLM, clips: list[PackedClip], capture: dict | None = No
 # "what colour is the big circle?" its last position must attend to the tokens of that one
 # object among 256, and until some head does, the answer loss gives the attention almost no
 # gradient (measured: the same plateau with perfect one-hot "oracle" visual features). The
-# scene state says which tokens hold the object a question is about, so one head is told:
-# head 0 of layer BINDING_LAYER, at the position that predicts the answer, is trained to put
-# its attention mass on those tokens (cross-entropy of the summed probability). The head's
-# own weights and everything below it learn; at inference nothing changes.
+# scene state says which tokens hold the object a question is about, so heads of layer
+# BINDING_LAYER, at the position that predicts the answer, are told where to put their
+# attention mass (cross-entropy of the summed probability on the targets):
+#
+# - OBJECT_HEAD: every token of the question's objects (in its frame, if it names one);
+# - FIRST_LOOK_HEAD / LAST_LOOK_HEAD: for a question about one object, its tokens in the
+#   first / the last kept frame that shows it.
+#
+# One head over all of an object's tokens reads its colour and shape but averages its place
+# over the clip: where it moves, where it was when it appeared, cannot be read from a mean.
+# Two looks, one early and one late, can (run E: motion and position stayed at chance with
+# the object head alone, docs/TRAINING.md). The heads' weights and everything below them
+# learn; at inference nothing changes.
 
 BINDING_LAYER = 1
-BINDING_WEIGHT = 4.0
+BINDING_WEIGHT = 4.0  # the object head; the look heads' weight is TrainConfig.look_weight
+OBJECT_HEAD, FIRST_LOOK_HEAD, LAST_LOOK_HEAD = 0, 2, 3  # query heads; 2 and 3 share a KV head
 
 
 def binding_attention(model: VLM) -> nn.Module:
     return model.lm.model.layers[BINDING_LAYER].self_attn
 
 
-def binding_loss(model: VLM, clips: list[PackedClip], capture: dict) -> torch.Tensor | None:
-    """Mean over questions with targets of -log(attention mass of the supervised head on
-    the target tokens), the softmax taken over the clip's visual tokens."""
+def binding_loss(model: VLM, clips: list[PackedClip], capture: dict, looks: bool = True) -> dict[str, torch.Tensor]:
+    """{"object": ..., "look": ...}: the mean over (question, supervised head) pairs with
+    targets of -log(attention mass of the head on the target tokens), the softmax taken over
+    the clip's visual tokens; a kind without targets in the batch (or "look" without `looks`)
+    is left out."""
     attention = binding_attention(model)
-    head_dim = attention.head_dim
     hidden, (cos, sin) = capture["hidden"], capture["cos_sin"]  # [B, L, D], [B, L, hd] each
-    losses = []
+    losses: dict[str, list[torch.Tensor]] = {"object": [], "look": []}
     for row, clip in enumerate(clips):
-        chosen = [(at, t) for at, t in zip(clip.first_answer_at, clip.binding_targets) if t is not None and t.any()]
         start, end = clip.visual_span
-        if not chosen or end == start:
+        if end == start:
             continue
-        at = torch.tensor([a for a, _ in chosen], device=hidden.device)
-        targets = torch.stack([t for _, t in chosen]).to(hidden.device)  # [Q, V]
-        key = attention.k_proj(hidden[row, start:end])[:, :head_dim]  # KV head 0: [V, hd]
-        key = key * cos[row, start:end] + rotate_half(key) * sin[row, start:end]
-        query = attention.q_proj(hidden[row, at])[:, :head_dim]  # query head 0: [Q, hd]
-        query = query * cos[row, at] + rotate_half(query) * sin[row, at]
-        scores = (query @ key.T) * attention.scaling  # [Q, V]
-        on_target = scores.masked_fill(~targets, float("-inf")).logsumexp(-1)
-        losses.append(scores.logsumexp(-1) - on_target)
-    return torch.cat(losses).mean() if losses else None
+        pairs = [look or (None, None) for look in clip.look_targets] if looks else []
+        for kind, head, targets in (("object", OBJECT_HEAD, clip.binding_targets),
+                                    ("look", FIRST_LOOK_HEAD, [first for first, _ in pairs]),
+                                    ("look", LAST_LOOK_HEAD, [last for _, last in pairs])):
+            chosen = [(at, t) for at, t in zip(clip.first_answer_at, targets) if t is not None and t.any()]
+            if chosen:
+                at = torch.tensor([a for a, _ in chosen], device=hidden.device)
+                scores = head_scores(attention, head, hidden[row], cos[row], sin[row], at, slice(start, end))
+                on = torch.stack([t for _, t in chosen]).to(hidden.device)  # [Q, V]
+                losses[kind].append(scores.logsumexp(-1) - scores.masked_fill(~on, float("-inf")).logsumexp(-1))
+    return {kind: torch.cat(parts).mean() for kind, parts in losses.items() if parts}
+
+
+def head_scores(attention: nn.Module, head: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                at: torch.Tensor, keys: slice) -> torch.Tensor:
+    """Attention logits [Q, K] of query head `head` from positions `at` to positions `keys`
+    of one sequence (hidden [L, D] is the layer's normed input; cos/sin [L, hd] its rotary)."""
+    hd = attention.head_dim
+    kv = head // (attention.config.num_attention_heads // attention.config.num_key_value_heads)
+    key = attention.k_proj(hidden[keys])[:, kv * hd:(kv + 1) * hd]
+    key = key * cos[keys] + rotate_half(key) * sin[keys]
+    query = attention.q_proj(hidden[at])[:, head * hd:(head + 1) * hd]
+    query = query * cos[at] + rotate_half(query) * sin[at]
+    return (query @ key.T) * attention.scaling
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -541,10 +571,15 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
+def token_owners(kept: VisualTokens, owners: torch.Tensor) -> torch.Tensor:
+    """[N] int64: bit i set where object i covers part of kept token n.
+    owners [T, Gm, Gm] uint8 is that bit mask for every merged token of the clip."""
+    return owners[kept.frame_index.cpu(), kept.grid_rc[:, 0].cpu(), kept.grid_rc[:, 1].cpu()].long()
+
+
 def binding_masks(kept: VisualTokens, owners: torch.Tensor, questions: list[sw.Question]) -> list[torch.Tensor]:
-    """Per question, which kept tokens show one of its objects (in its frame, if it names one).
-    owners [T, Gm, Gm] uint8: bit i set where object i covers part of the merged token."""
-    present = owners[kept.frame_index.cpu(), kept.grid_rc[:, 0].cpu(), kept.grid_rc[:, 1].cpu()].long()  # [N]
+    """Per question, which kept tokens show one of its objects (in its frame, if it names one)."""
+    present = token_owners(kept, owners)
     masks = []
     for question in questions:
         bits = sum(1 << i for i in question.object_ids)
@@ -555,14 +590,34 @@ def binding_masks(kept: VisualTokens, owners: torch.Tensor, questions: list[sw.Q
     return masks
 
 
-def packed_answer_loss(model: VLM, clips: list[PackedClip], binding: bool = False) -> tuple[torch.Tensor, float]:
+def look_masks(kept: VisualTokens, owners: torch.Tensor,
+               questions: list[sw.Question]) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    """Per question about one object: (its tokens in the first kept frame that shows it, its
+    tokens in the last); None for questions about several objects or an object not in view."""
+    present = token_owners(kept, owners)
+    frame = kept.frame_index.cpu()
+    looks = []
+    for question in questions:
+        shows = (present & (1 << question.object_ids[0])) != 0 if len(question.object_ids) == 1 else None
+        if shows is None or not shows.any():
+            looks.append(None)
+            continue
+        seen = frame[shows]
+        looks.append((shows & (frame == seen.min()), shows & (frame == seen.max())))
+    return looks
+
+
+def packed_answer_loss(model: VLM, clips: list[PackedClip], binding: bool = False,
+                       look_weight: float = 0.0) -> tuple[torch.Tensor, float]:
     """Cross-entropy over every answer token of a batch of packed clips (same mean as
     `answer_loss`), plus the binding term when `binding`."""
     capture = {} if binding else None
     logits, labels = packed_logits(model, clips, capture)
     loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
-    if binding and (extra := binding_loss(model, clips, capture)) is not None:
-        loss = loss + BINDING_WEIGHT * extra
+    if binding:
+        weights = {"object": BINDING_WEIGHT, "look": look_weight}
+        for kind, extra in binding_loss(model, clips, capture, looks=look_weight > 0).items():
+            loss = loss + weights[kind] * extra
     rows = torch.tensor([row for row, c in enumerate(clips) for _ in c.first_answer_at])
     at = torch.tensor([i for c in clips for i in c.first_answer_at])
     targets = torch.tensor([t for c in clips for t in c.first_answer_ids], device=logits.device)

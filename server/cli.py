@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--curriculum", type=parse_curriculum,
                       help="QA steps on clips cut to a few frames before whole clips, as STEPS:FRAMES,... "
                            "(default: the recipe's; 'none' for whole clips from the start)")
+    tiny.add_argument("--look-weight", type=float, default=0.0,
+                      help="also supervise the first-look / last-look heads at this weight (default: off; "
+                           "see docs/TRAINING.md)")
     tiny.add_argument("--device", default="cpu", help="cpu or cuda: the same steps give the same recipe")
     tiny.add_argument("--workers", type=int, default=1, help="clip-rendering processes (0: none)")
     tiny.add_argument("--seed", type=int, default=0)
@@ -225,7 +228,7 @@ def run_train(args: argparse.Namespace) -> int:
     chosen = {name: getattr(args, name)
               for name in ("perception_steps", "qa_steps", "qa_pool_clips", "eval_every", "curriculum")}
     config = TrainConfig(**{name: value for name, value in chosen.items() if value is not None},
-                         device=args.device, workers=args.workers, seed=args.seed,
+                         device=args.device, workers=args.workers, seed=args.seed, look_weight=args.look_weight,
                          perception_from=args.perception_from)
     train_tiny(args.out, config, report=lambda line: print(line, flush=True))
     return EXIT_OK

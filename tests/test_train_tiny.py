@@ -67,6 +67,59 @@ def test_binding_masks_point_at_the_tokens_that_show_the_question_objects():
     assert any(mask.any() for mask in masks)
 
 
+def test_look_masks_point_at_the_object_in_the_first_and_last_kept_frames_that_show_it():
+    from eval.train_tiny import binding_masks, look_masks, render_clip
+
+    frames, questions, owners = render_clip("train", 5, 32)
+    model = new_model(0)
+    with torch.no_grad():
+        tokens = model.encode_frames(frames, np.arange(len(frames)) / 8.0)
+    spec = parse_spec("random:ratio=0.5")
+    kept = spec.compressor.compress(tokens, CompressionContext(budget=spec.budget, seed=1))
+    owners = torch.from_numpy(owners)
+    looks = look_masks(kept, owners, questions)
+    assert len(looks) == len(questions)
+    checked = 0
+    for question, look in zip(questions, looks):
+        if len(question.object_ids) != 1:
+            assert look is None
+            continue
+        whole = binding_masks(kept, owners, [sw.Question(question.text, question.candidates, question.answer,
+                                                         question.type, question.object_ids)])[0]
+        first, last = look
+        shown_in = kept.frame_index[whole]
+        assert set(kept.frame_index[first].tolist()) == {int(shown_in.min())}
+        assert set(kept.frame_index[last].tolist()) == {int(shown_in.max())}
+        assert (first <= whole).all() and (last <= whole).all()  # only the object's tokens
+        assert first.sum() == (whole & (kept.frame_index == shown_in.min())).sum()
+        checked += 1
+    assert checked >= 3
+
+
+def test_head_scores_are_the_attention_the_lm_computes():
+    """The supervised heads' logits (binding_loss) are those of the LM's own attention: the
+    softmax of head_scores matches HF's eager attention weights for every head."""
+    from eval.train_tiny import BINDING_LAYER, binding_attention, head_scores, packed_logits
+
+    model = new_model(0)
+    frames, questions = next(sw.iter_samples("train", 0, 1))
+    with torch.no_grad():
+        tokens = model.encode_frames(frames[:2], np.arange(2) / 8.0)
+        answer = model.tokenizer(questions[0].answer, add_special_tokens=False).input_ids + [model.tokenizer.eos_token_id]
+        clip = pack_clip(model, tokens, tokens.span_length, [questions[0].text], [answer])
+        capture = {}
+        packed_logits(model, [clip], capture)
+        model.lm.set_attn_implementation("eager")
+        weights = model.lm(inputs_embeds=clip.embeds[None], position_ids=clip.positions[None],
+                           output_attentions=True).attentions[BINDING_LAYER][0]  # [H, L, L]
+        at = clip.first_answer_at[0]
+        hidden, (cos, sin) = capture["hidden"][0], capture["cos_sin"]
+        for head in range(weights.shape[0]):
+            scores = head_scores(binding_attention(model), head, hidden, cos[0], sin[0], torch.tensor([at]),
+                                 slice(0, at + 1))
+            torch.testing.assert_close(scores.softmax(-1)[0], weights[head, at, :at + 1], atol=1e-5, rtol=1e-4)
+
+
 def test_binding_loss_is_low_when_the_head_already_attends_to_the_targets():
     """The loss is -log(attention mass on the targets): all mass on them gives ~0, and the
     loss grows as targets get fewer of the head's attention."""
@@ -81,15 +134,39 @@ def test_binding_loss_is_low_when_the_head_already_attends_to_the_targets():
     everything = [torch.ones(len(tokens), dtype=torch.bool)] * 2
     one = [torch.nn.functional.one_hot(torch.tensor(3), len(tokens)).bool()] * 2
     losses = []
-    for targets in (everything, one):
-        clip = pack_clip(model, tokens, tokens.span_length, [q.text for q in questions[:2]], answers, targets)
+    for targets in (everything, one):  # the object head and both look heads
+        looks = [(t, t) for t in targets]
+        clip = pack_clip(model, tokens, tokens.span_length, [q.text for q in questions[:2]], answers, targets, looks)
         capture = {}
         from eval.train_tiny import packed_logits
         packed_logits(model, [clip], capture)
         assert capture["hidden"].shape[1] == len(clip.embeds) and BINDING_LAYER < len(model.lm.model.layers)
-        losses.append(float(binding_loss(model, [clip], capture).detach()))
-    assert losses[0] < 1e-5 < losses[1]
-    assert abs(losses[1] - np.log(len(tokens))) < 1.0  # a fresh head spreads its attention
+        losses.append({kind: float(value.detach()) for kind, value in binding_loss(model, [clip], capture).items()})
+    for kind in ("object", "look"):
+        assert losses[0][kind] < 1e-5 < losses[1][kind]
+        assert abs(losses[1][kind] - np.log(len(tokens))) < 1.0  # a fresh head spreads its attention
+
+
+def test_look_heads_add_to_the_loss_only_when_asked():
+    from eval.train_tiny import binding_loss, packed_answer_loss, packed_logits
+
+    model = new_model(0)
+    frames, questions = next(sw.iter_samples("train", 0, 1))
+    with torch.no_grad():
+        tokens = model.encode_frames(frames[:2], np.arange(2) / 8.0)
+        answers = [model.tokenizer(q.answer, add_special_tokens=False).input_ids + [model.tokenizer.eos_token_id]
+                   for q in questions[:2]]
+        one = [torch.nn.functional.one_hot(torch.tensor(3), len(tokens)).bool()] * 2
+        clip = pack_clip(model, tokens, tokens.span_length, [q.text for q in questions[:2]], answers, one,
+                         [(t, t) for t in one])
+        plain, _ = packed_answer_loss(model, [clip], binding=True)
+        with_looks, _ = packed_answer_loss(model, [clip], binding=True, look_weight=0.5)
+        capture = {}
+        packed_logits(model, [clip], capture)
+        assert set(binding_loss(model, [clip], capture, looks=False)) == {"object"}
+        look = binding_loss(model, [clip], capture)["look"]
+    torch.testing.assert_close(with_looks - plain, 0.5 * look)
+    assert look > 1.0
 
 
 def test_curriculum_keeps_the_chosen_frames_and_only_questions_they_answer():
@@ -133,23 +210,28 @@ def test_binding_probe_learns_to_find_the_named_object_among_short_clips():
 
 def test_projector_content_is_unit_rms_whatever_the_feature_scale():
     """Visual tokens are not dwarfed by what the LM adds to them: the projector's content part
-    leaves it at unit RMS per token (a LayerNorm), and the fixed where/when embeddings are small."""
-    from vlm.projector import WHERE_WHEN_SCALE
-
+    is at unit RMS per token (a LayerNorm) in 3/4 of the width, and the fixed where/when
+    sinusoids fill the last quarter on their own, at amplitude 1."""
     projector = new_model(0).projector
+    width = projector.out[0].out_features + projector.place_width
+    assert projector.place_width == width // 4
     for scale in (0.1, 1.0, 100.0):
         features = scale * torch.randn(2, 8, 8, projector.patch[0].in_features)
         content = projector.content(features)
         rms = content.pow(2).mean(-1).sqrt()
         torch.testing.assert_close(rms, torch.ones_like(rms), atol=1e-2, rtol=0)
-        where_when = projector(features) - content
-        torch.testing.assert_close(where_when.pow(2).mean(-1).sqrt(),
-                                   torch.full_like(rms, WHERE_WHEN_SCALE / 2 ** 0.5), atol=1e-4, rtol=0)
+        tokens = projector(features)
+        assert tokens.shape == (2, 4, 4, width)
+        torch.testing.assert_close(tokens[..., :content.shape[-1]], content)
+        place = tokens[..., content.shape[-1]:]
+        torch.testing.assert_close(place.pow(2).mean(-1).sqrt(), torch.full_like(rms, 2 ** -0.5), atol=1e-4, rtol=0)
+        torch.testing.assert_close(place, projector.where_when(torch.arange(2), 4, 4))
 
 
 def test_projector_merges_a_bag_of_patches_and_tells_tokens_apart_by_place():
-    """A merged token is the same whatever sub-patch of its block an object falls in (so an
-    object that straddles tokens looks alike in each), and each token's place is added to it."""
+    """At init a merged token is the same whatever sub-patch of its block an object falls in
+    (so an object that straddles tokens looks alike in each), and each token's place is added
+    to it. The learned in-block vectors, once nonzero, tell the sub-patches apart."""
     projector = new_model(0).projector
     width = projector.patch[0].in_features
     torch.manual_seed(0)
@@ -168,6 +250,16 @@ def test_projector_merges_a_bag_of_patches_and_tells_tokens_apart_by_place():
     assert not torch.allclose(placed[0, 1, 1], placed[0, 0, 0])
     later = projector(elsewhere, frame_index=torch.tensor([5]))
     assert not torch.allclose(later[0, 1, 1], placed[0, 1, 1])
+    with torch.no_grad():
+        projector.in_block.normal_(std=0.5)
+    moved = []
+    for row, col in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        features = torch.zeros(1, 4, 4, width)
+        features[0, row, col] = thing
+        moved.append(projector.content(features)[0, 0, 0])
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert (moved[i] - moved[j]).abs().max() > 1e-2
 
 
 def test_curriculum_flag_parses_stages_and_names_a_bad_one():
