@@ -1,12 +1,15 @@
 """Readout probe: can the LM answer from an object's tokens when it sees nothing else?
 
     python -m eval.probe_readout --tower runs/tiny-a-step1000 --steps 600
+    python -m eval.probe_readout --tower runs/tiny-a-step1000 --types position,motion,attribute --looks 1
 
 A fresh projector + LM, on a tower trained by stage 1 of `eval.train_tiny`, learns attribute
 and fine-detail questions where each question sees ONLY the visual tokens of its own object
 (`train_tiny.binding_masks`). Attention then has nothing to find, so the curve measures the
-content path alone: tower token -> projector -> value -> answer word. docs/TRAINING.md
-compares it with the full task, where the same LM stays at the answer prior.
+content path alone: tower token -> projector -> value -> answer word. `--types` picks the
+question types (accuracy is printed per type) and `--looks W` supervises the first-look /
+last-look heads (`train_tiny.look_masks`) at weight W. docs/TRAINING.md compares it with the
+full task.
 """
 
 from __future__ import annotations
