@@ -75,7 +75,7 @@ class TrainConfig:
     qa_lr: float = 1.5e-3
     weight_decay: float = 0.01
     binding: bool = True  # supervise one attention head with the scene's object locations (BINDING_LAYER)
-    look_weight: float = 0.0  # on the first-look / last-look heads; 0: off (runs F and G, docs/TRAINING.md)
+    look_weight: float = 0.0  # on the first-look / last-look heads; 0: off (runs F, G, I: docs/TRAINING.md)
     curriculum: tuple = CURRICULUM  # (steps, frames) before whole clips; counted in qa_steps
     seed: int = 0
     eval_every: int = 500  # QA steps between validation passes (and checkpoints)
@@ -611,7 +611,8 @@ def look_masks(kept: VisualTokens, owners: torch.Tensor,
 def packed_answer_loss(model: VLM, clips: list[PackedClip], binding: bool = False,
                        look_weight: float = 0.0) -> tuple[torch.Tensor, float]:
     """Cross-entropy over every answer token of a batch of packed clips (same mean as
-    `answer_loss`), plus the binding term when `binding`."""
+    `answer_loss`), plus, when `binding`, the object head's term (BINDING_WEIGHT) and, when
+    `look_weight` > 0, the look heads' term at that weight."""
     capture = {} if binding else None
     logits, labels = packed_logits(model, clips, capture)
     loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)

@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--curriculum", type=parse_curriculum,
                       help="QA steps on clips cut to a few frames before whole clips, as STEPS:FRAMES,... "
                            "(default: the recipe's; 'none' for whole clips from the start)")
-    tiny.add_argument("--look-weight", type=float, default=0.0,
+    tiny.add_argument("--look-weight", type=nonnegative_float, default=0.0,
                       help="also supervise the first-look / last-look heads at this weight (default: off; "
                            "see docs/TRAINING.md)")
     tiny.add_argument("--device", default="cpu", help="cpu or cuda: the same steps give the same recipe")
@@ -216,6 +216,16 @@ def parse_curriculum(text: str) -> tuple[tuple[int, int], ...]:
     if not all(len(stage) == 2 and min(stage) > 0 for stage in stages):
         raise argparse.ArgumentTypeError(f"--curriculum must be STEPS:FRAMES,... with positive integers; got {text!r}")
     return stages
+
+
+def nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
 
 
 def run_train(args: argparse.Namespace) -> int:

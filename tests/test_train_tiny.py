@@ -257,3 +257,11 @@ def test_curriculum_flag_parses_stages_and_names_a_bad_one():
     for bad in ("3:x", "3", "0:1", "5:1,,"):
         with pytest.raises(argparse.ArgumentTypeError, match="STEPS:FRAMES"):
             parse_curriculum(bad)
+    from server.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["train", "tiny", "--out", "x"]).look_weight == 0.0
+    assert parser.parse_args(["train", "tiny", "--out", "x", "--look-weight", "0.5"]).look_weight == 0.5
+    for bad in ("-1", "nan", "heavy"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["train", "tiny", "--out", "x", "--look-weight", bad])
