@@ -96,17 +96,26 @@ def test_look_masks_point_at_the_object_in_the_first_and_last_kept_frames_that_s
     assert checked >= 3
 
 
+def sample_prompt(model, questions: int):
+    """Two frames of a ShapesWorld sample through `model`, with the texts and answer ids of its
+    first `questions` questions: what the binding tests pack."""
+    frames, asked = next(sw.iter_samples("train", 0, 1))
+    with torch.no_grad():
+        tokens = model.encode_frames(frames[:2], np.arange(2) / 8.0)
+    answers = [model.tokenizer(q.answer, add_special_tokens=False).input_ids + [model.tokenizer.eos_token_id]
+               for q in asked[:questions]]
+    return tokens, [q.text for q in asked[:questions]], answers
+
+
 def test_head_scores_are_the_attention_the_lm_computes():
     """The supervised heads' logits (binding_loss) are those of the LM's own attention: the
     softmax of head_scores matches HF's eager attention weights for every head."""
     from eval.train_tiny import BINDING_LAYER, binding_attention, head_scores, packed_logits
 
     model = new_model(0)
-    frames, questions = next(sw.iter_samples("train", 0, 1))
+    tokens, texts, answers = sample_prompt(model, 1)
     with torch.no_grad():
-        tokens = model.encode_frames(frames[:2], np.arange(2) / 8.0)
-        answer = model.tokenizer(questions[0].answer, add_special_tokens=False).input_ids + [model.tokenizer.eos_token_id]
-        clip = pack_clip(model, tokens, tokens.span_length, [questions[0].text], [answer])
+        clip = pack_clip(model, tokens, tokens.span_length, texts, answers)
         capture = {}
         packed_logits(model, [clip], capture)
         model.lm.set_attn_implementation("eager")
@@ -123,22 +132,17 @@ def test_head_scores_are_the_attention_the_lm_computes():
 def test_binding_loss_is_low_when_the_head_already_attends_to_the_targets():
     """The loss is -log(attention mass on the targets): all mass on them gives ~0, and the
     loss grows as targets get fewer of the head's attention."""
-    from eval.train_tiny import BINDING_LAYER, binding_loss
+    from eval.train_tiny import BINDING_LAYER, binding_loss, packed_logits
 
     model = new_model(0)
-    frames, questions = next(sw.iter_samples("train", 0, 1))
-    with torch.no_grad():
-        tokens = model.encode_frames(frames[:2], np.arange(2) / 8.0)
-    answers = [model.tokenizer(q.answer, add_special_tokens=False).input_ids + [model.tokenizer.eos_token_id]
-               for q in questions[:2]]
+    tokens, texts, answers = sample_prompt(model, 2)
     everything = [torch.ones(len(tokens), dtype=torch.bool)] * 2
     one = [torch.nn.functional.one_hot(torch.tensor(3), len(tokens)).bool()] * 2
     losses = []
     for targets in (everything, one):  # the object head and both look heads
         looks = [(t, t) for t in targets]
-        clip = pack_clip(model, tokens, tokens.span_length, [q.text for q in questions[:2]], answers, targets, looks)
+        clip = pack_clip(model, tokens, tokens.span_length, texts, answers, targets, looks)
         capture = {}
-        from eval.train_tiny import packed_logits
         packed_logits(model, [clip], capture)
         assert capture["hidden"].shape[1] == len(clip.embeds) and BINDING_LAYER < len(model.lm.model.layers)
         losses.append({kind: float(value.detach()) for kind, value in binding_loss(model, [clip], capture).items()})
@@ -151,14 +155,10 @@ def test_look_heads_add_to_the_loss_only_when_asked():
     from eval.train_tiny import binding_loss, packed_answer_loss, packed_logits
 
     model = new_model(0)
-    frames, questions = next(sw.iter_samples("train", 0, 1))
+    tokens, texts, answers = sample_prompt(model, 2)
     with torch.no_grad():
-        tokens = model.encode_frames(frames[:2], np.arange(2) / 8.0)
-        answers = [model.tokenizer(q.answer, add_special_tokens=False).input_ids + [model.tokenizer.eos_token_id]
-                   for q in questions[:2]]
         one = [torch.nn.functional.one_hot(torch.tensor(3), len(tokens)).bool()] * 2
-        clip = pack_clip(model, tokens, tokens.span_length, [q.text for q in questions[:2]], answers, one,
-                         [(t, t) for t in one])
+        clip = pack_clip(model, tokens, tokens.span_length, texts, answers, one, [(t, t) for t in one])
         plain, _ = packed_answer_loss(model, [clip], binding=True)
         with_looks, _ = packed_answer_loss(model, [clip], binding=True, look_weight=0.5)
         capture = {}
