@@ -23,6 +23,7 @@ FOLDER` runs both stages and saves through `save_pretrained` at every validation
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import multiprocessing
@@ -76,6 +77,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     binding: bool = True  # supervise one attention head with the scene's object locations (BINDING_LAYER)
     look_weight: float = 0.0  # on the first-look / last-look heads; 0: off (runs F, G, I: docs/TRAINING.md)
+    query_weight: float = 0.0  # on the naming head of QUERY_LAYER (the question's naming words); 0: off
     curriculum: tuple = CURRICULUM  # (steps, frames) before whole clips; counted in qa_steps
     seed: int = 0
     eval_every: int = 500  # QA steps between validation passes (and checkpoints)
@@ -83,6 +85,8 @@ class TrainConfig:
     device: str = "cpu"
     workers: int = 1  # processes that render clips beside the training loop (0: render inline)
     perception_from: str | None = None  # a model folder whose tower (stage 1 of this recipe) is reused
+    place_scale: float | None = None  # the projector's row/column amplitude; None: the preset's (VLMConfig)
+    pool_cache: str | None = None  # a folder where encoded clip pools are kept and reused (encode_pool_cached)
     log: list = field(default_factory=list)
 
 
@@ -98,9 +102,12 @@ def shapesworld_vocabulary() -> list[str]:
     return sorted(words)
 
 
-def new_model(seed: int) -> VLM:
+def new_model(seed: int, place_scale: float | None = None) -> VLM:
+    """vidsieve-tiny at init; place_scale overrides the preset's projector row/column amplitude."""
     torch.manual_seed(seed)
     config = VLMConfig.from_name("vidsieve-tiny")
+    if place_scale is not None:
+        config.place_scale = place_scale
     tokenizer = build_word_tokenizer(shapesworld_vocabulary())
     config.lm["vocab_size"] = 8 * math.ceil(len(tokenizer) / 8)
     return VLM(config, tokenizer)
@@ -274,6 +281,30 @@ def encode_pool(model: VLM, split: str, first_index: int, clips: int, pool=None,
     return ClipPool(features, questions, torch.from_numpy(np.stack(owners)))
 
 
+def encode_pool_cached(model: VLM, split: str, first_index: int, clips: int, pool=None,
+                       cache: str | Path | None = None) -> ClipPool:
+    """`encode_pool`, kept in folder `cache` (if given) under a name made of the tower's weights,
+    the tower input size and the clips: the next run on the same tower loads it instead of
+    rendering and encoding again (12,000 clips: ~5 minutes on 2 cores, ~2.4 GB on disk)."""
+    if cache is None:
+        return encode_pool(model, split, first_index, clips, pool)
+    digest = hashlib.sha256()
+    for name, value in sorted(model.encoder.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(value.detach().cpu().float().numpy().tobytes())
+    digest.update(f"{split}/{first_index}/{clips}/{model.projector.merge}".encode())
+    path = Path(cache) / f"pool-{split}-{clips}-{digest.hexdigest()[:16]}.pt"
+    if path.exists():
+        saved = torch.load(path, weights_only=False)
+        return ClipPool(saved["features"].to(model.device), saved["questions"], saved["owners"])
+    encoded = encode_pool(model, split, first_index, clips, pool)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    torch.save({"features": encoded.features.cpu(), "questions": encoded.questions, "owners": encoded.owners}, partial)
+    partial.replace(path)  # a run stopped while saving leaves no half-written pool behind
+    return encoded
+
+
 def packed_from_pool(model: VLM, pool: ClipPool, index: int, spec: CompressorSpec, seed: int,
                      frames: int | None = None) -> PackedClip | None:
     """Clip `index` of the pool through the projector and compressor `spec`, every question packed.
@@ -309,11 +340,11 @@ def pool_tokens(model: VLM, pool: ClipPool, index: int) -> VisualTokens:
     return VisualTokens.from_grid(model.projector(features), np.arange(len(features)) / sw.DEFAULT_CONFIG.fps)
 
 
-def model_on_tower(folder: str | Path, seed: int = 0) -> VLM:
+def model_on_tower(folder: str | Path, seed: int = 0, place_scale: float | None = None) -> VLM:
     """A fresh model (projector + LM at init) on the frozen tower of `folder`, a model that
     stage 1 of this recipe trained: where QA training and the probes start. Only the tower's
     weights are read, so a tower stays usable when the projector or LM changes."""
-    model = new_model(seed)
+    model = new_model(seed, place_scale)
     weights = load_file(Path(folder) / "model.safetensors")
     tower = {name.removeprefix("encoder."): value for name, value in weights.items() if name.startswith("encoder.")}
     model.encoder.load_state_dict(tower)
@@ -356,8 +387,8 @@ def train_qa(model: VLM, config: TrainConfig, report: Callable[[str], None], poo
     model.encoder.requires_grad_(False).eval()
     report(f"encoding {config.qa_pool_clips} training clips and {config.eval_clips} validation clips with the frozen tower")
     started = time.monotonic()
-    train = encode_pool(model, "train", QA_FIRST_CLIP, config.qa_pool_clips, pool)
-    val = encode_pool(model, "val", 0, config.eval_clips, pool)
+    train = encode_pool_cached(model, "train", QA_FIRST_CLIP, config.qa_pool_clips, pool, config.pool_cache)
+    val = encode_pool_cached(model, "val", 0, config.eval_clips, pool, config.pool_cache)
     report(f"encoded in {time.monotonic() - started:.0f} s")
     optimizer, params = qa_optimizer(model, config.qa_lr, config.weight_decay)
     specs = [parse_spec(text) for text, _ in AUGMENTATIONS]
@@ -375,14 +406,17 @@ def train_qa(model: VLM, config: TrainConfig, report: Callable[[str], None], poo
                   for i in chosen]
         packed = [clip for clip in packed if clip is not None]
         seen += sum(len(clip.first_answer_at) for clip in packed)
-        loss, accuracy = packed_answer_loss(model, packed, binding=config.binding, look_weight=config.look_weight)
+        parts: dict[str, float] = {}
+        loss, accuracy = packed_answer_loss(model, packed, binding=config.binding, look_weight=config.look_weight,
+                                            query_weight=config.query_weight, parts=parts)
         optimizer_step(optimizer, params, loss, config.qa_lr, step / config.qa_steps)
         if step % 25 == 0:
             epoch = step * config.qa_clips_per_step / len(train)
             report(f"qa step {step}/{config.qa_steps} frames {frames or 'all'} epoch {epoch:.2f} "
-                   f"questions {seen} loss {loss.item():.3f} first-token acc {accuracy:.3f}")
+                   f"questions {seen} loss {loss.item():.3f} first-token acc {accuracy:.3f} "
+                   + " ".join(f"{kind} {value:.3f}" for kind, value in parts.items()))
             config.log.append({"stage": "qa", "step": step, "questions": seen, "loss": loss.item(),
-                               "train_acc": accuracy})
+                               "train_acc": accuracy, **parts})
         if step % config.eval_every == 0 or step == config.qa_steps:
             model.lm.eval()
             result = packed_eval(model, val)
@@ -441,6 +475,7 @@ class PackedClip:
     visual_span: tuple[int, int] = (0, 0)  # [start, end) of the visual tokens
     binding_targets: list[torch.Tensor | None] = field(default_factory=list)  # per question: [visual] bool
     look_targets: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)  # (first, last)
+    naming_targets: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # per question: (start, [at+1-start] bool)
 
 
 def pack_clip(model: VLM, kept: VisualTokens, span_length: int, questions: list[str],
@@ -450,9 +485,11 @@ def pack_clip(model: VLM, kept: VisualTokens, span_length: int, questions: list[
     embeds, positions, _, _ = model._layout(prefix_ids, kept, torch.arange(len(prefix_ids)))
     after_video = len(prefix_ids) + span_length
     parts, labels, segments = [(embeds, positions)], [torch.full((len(embeds),), -100)], [torch.zeros(len(embeds))]
-    offset, first_at = len(embeds), []
+    offset, first_at, naming = len(embeds), [], []
+    naming_ids = naming_token_ids(model.tokenizer)
     for segment, (question, answer) in enumerate(zip(questions, answers), start=1):
         _, suffix_ids = model._prompt_ids(question)
+        naming.append((offset, torch.isin(suffix_ids, naming_ids)))
         ids = torch.cat([suffix_ids, torch.tensor(answer[:-1], dtype=torch.long)])
         parts.append((model.runner.embed(ids), after_video + torch.arange(len(ids))))
         labels.append(torch.cat([torch.full((len(suffix_ids) - 1,), -100), torch.tensor(answer)]))
@@ -462,13 +499,21 @@ def pack_clip(model: VLM, kept: VisualTokens, span_length: int, questions: list[
     return PackedClip(torch.cat([e for e, _ in parts]), torch.cat([p for _, p in parts]), torch.cat(labels),
                       torch.cat(segments).long(), first_at, [a[0] for a in answers],
                       (len(prefix_ids), len(prefix_ids) + len(kept)), binding_targets or [None] * len(questions),
-                      look_targets or [None] * len(questions))
+                      look_targets or [None] * len(questions), naming)
+
+
+def naming_token_ids(tokenizer) -> torch.Tensor:
+    """Ids of the words that name an object in a question: colours, shapes, sizes, directions."""
+    words = {*sw.COLOURS, *sw.SHAPES, *sw.SHAPE_PLURALS.values(), *sw.SIZES, *sw.DIRECTIONS}
+    vocabulary = tokenizer.get_vocab()
+    return torch.tensor(sorted(vocabulary[word] for word in words if word in vocabulary))
 
 
 def packed_logits(model: VLM, clips: list[PackedClip], capture: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits [B, L, V] and labels [B, L] of a padded batch of packed clips. With `capture`,
-    the inputs of layer BINDING_LAYER's attention (normed hidden states, rotary cos/sin)
-    are stored in it for `binding_loss`."""
+    the inputs of the attention of layers QUERY_LAYER and BINDING_LAYER (normed hidden
+    states, rotary cos and sin) are stored in it, `capture[layer] = (hidden, (cos, sin))`,
+    for `binding_loss`."""
     longest = max(len(c.embeds) for c in clips)
     batch, width = len(clips), clips[0].embeds.shape[1]
     device = clips[0].embeds.device
@@ -484,17 +529,21 @@ def packed_logits(model: VLM, clips: list[PackedClip], capture: dict | None = No
     causal = torch.ones(longest, longest, dtype=torch.bool).tril()
     allowed = causal & (key != -1) & ((key == 0) | (key == query))
     allowed |= torch.eye(longest, dtype=torch.bool)  # padding rows see themselves (no empty softmax)
-    handle = None
+    handles = []
     if capture is not None:
-        def keep_inputs(module, args, kwargs):
-            capture["hidden"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            capture["cos_sin"] = kwargs["position_embeddings"] if "position_embeddings" in kwargs else args[1]
-        handle = binding_attention(model).register_forward_pre_hook(keep_inputs, with_kwargs=True)
+        def keeper(layer: int):
+            def keep_inputs(module, args, kwargs):
+                hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+                capture[layer] = (hidden, kwargs["position_embeddings"] if "position_embeddings" in kwargs else args[1])
+            return keep_inputs
+        for layer in {QUERY_LAYER, BINDING_LAYER}:
+            handles.append(model.lm.model.layers[layer].self_attn.register_forward_pre_hook(keeper(layer),
+                                                                                            with_kwargs=True))
     try:
         logits = model.lm(inputs_embeds=embeds, attention_mask=allowed[:, None].to(device),
                           position_ids=positions.to(device)).logits
     finally:
-        if handle is not None:
+        for handle in handles:
             handle.remove()
     return logits, labels.to(device)
 
@@ -517,26 +566,36 @@ def packed_logits(model: VLM, clips: list[PackedClip], capture: dict | None = No
 # over the clip: where it moves, where it was when it appeared, cannot be read from a mean.
 # Two looks, one early and one late, can: with only the object's tokens in view, motion went
 # from chance to 42% in 600 probe steps with them (docs/TRAINING.md, "Position and motion").
-# They also slow attribute binding, so they are off unless TrainConfig.look_weight > 0. The
-# heads' weights and everything below them learn; at inference nothing changes.
+# They also slow attribute binding, so they are off unless TrainConfig.look_weight > 0.
+#
+# - QUERY_HEAD of QUERY_LAYER: the question's own words that name its objects (colours,
+#   shapes, sizes, directions). The object head can only find "the white object" once the
+#   answer position holds "white", and that gather is a circuit of its own; in runs whose
+#   object head never got much of its mass onto the objects, this is the step that had not
+#   formed. Off unless TrainConfig.query_weight > 0.
+#
+# The heads' weights and everything below them learn; at inference nothing changes.
 
 BINDING_LAYER = 1
 BINDING_WEIGHT = 4.0  # the object head; the look heads' weight is TrainConfig.look_weight
 OBJECT_HEAD, FIRST_LOOK_HEAD, LAST_LOOK_HEAD = 0, 2, 3  # query heads; 2 and 3 share a KV head
+QUERY_LAYER, QUERY_HEAD = 0, 0  # the naming head; its weight is TrainConfig.query_weight
 
 
 def binding_attention(model: VLM) -> nn.Module:
     return model.lm.model.layers[BINDING_LAYER].self_attn
 
 
-def binding_loss(model: VLM, clips: list[PackedClip], capture: dict, looks: bool = True) -> dict[str, torch.Tensor]:
-    """{"object": ..., "look": ...}: the mean over (question, supervised head) pairs with
-    targets of -log(attention mass of the head on the target tokens), the softmax taken over
-    the clip's visual tokens; a kind without targets in the batch (or "look" without `looks`)
-    is left out."""
+def binding_loss(model: VLM, clips: list[PackedClip], capture: dict, looks: bool = True,
+                 query: bool = False) -> dict[str, torch.Tensor]:
+    """{"object": ..., "look": ..., "query": ...}: the mean over (question, supervised head)
+    pairs with targets of -log(attention mass of the head on the target tokens). The object
+    and look heads' softmax is taken over the clip's visual tokens, the naming head's over the
+    question's own tokens up to the answer. A kind without targets in the batch (or "look"
+    without `looks`, "query" without `query`) is left out."""
     attention = binding_attention(model)
-    hidden, (cos, sin) = capture["hidden"], capture["cos_sin"]  # [B, L, D], [B, L, hd] each
-    losses: dict[str, list[torch.Tensor]] = {"object": [], "look": []}
+    hidden, (cos, sin) = capture[BINDING_LAYER]  # [B, L, D], [B, L, hd] each
+    losses: dict[str, list[torch.Tensor]] = {"object": [], "look": [], "query": []}
     for row, clip in enumerate(clips):
         start, end = clip.visual_span
         if end == start:
@@ -551,6 +610,16 @@ def binding_loss(model: VLM, clips: list[PackedClip], capture: dict, looks: bool
                 scores = head_scores(attention, head, hidden[row], cos[row], sin[row], at, slice(start, end))
                 on = torch.stack([t for _, t in chosen]).to(hidden.device)  # [Q, V]
                 losses[kind].append(scores.logsumexp(-1) - scores.masked_fill(~on, float("-inf")).logsumexp(-1))
+    if query:
+        naming = model.lm.model.layers[QUERY_LAYER].self_attn
+        hidden, (cos, sin) = capture[QUERY_LAYER]
+        for row, clip in enumerate(clips):
+            for at, (start, on) in zip(clip.first_answer_at, clip.naming_targets):
+                if on.any():
+                    scores = head_scores(naming, QUERY_HEAD, hidden[row], cos[row], sin[row],
+                                         torch.tensor([at], device=hidden.device), slice(start, at + 1))[0]
+                    on = on.to(hidden.device)
+                    losses["query"].append((scores.logsumexp(-1) - scores[on].logsumexp(-1))[None])
     return {kind: torch.cat(parts).mean() for kind, parts in losses.items() if parts}
 
 
@@ -608,18 +677,23 @@ def look_masks(kept: VisualTokens, owners: torch.Tensor,
     return looks
 
 
-def packed_answer_loss(model: VLM, clips: list[PackedClip], binding: bool = False,
-                       look_weight: float = 0.0) -> tuple[torch.Tensor, float]:
+def packed_answer_loss(model: VLM, clips: list[PackedClip], binding: bool = False, look_weight: float = 0.0,
+                       query_weight: float = 0.0, parts: dict | None = None) -> tuple[torch.Tensor, float]:
     """Cross-entropy over every answer token of a batch of packed clips (same mean as
     `answer_loss`), plus, when `binding`, the object head's term (BINDING_WEIGHT) and, when
-    `look_weight` > 0, the look heads' term at that weight."""
+    `look_weight` / `query_weight` > 0, the look heads' / the naming head's term at that
+    weight. `parts`, if given, receives each term's value (nats, unweighted)."""
     capture = {} if binding else None
     logits, labels = packed_logits(model, clips, capture)
     loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    if parts is not None:
+        parts["answer"] = loss.item()
     if binding:
-        weights = {"object": BINDING_WEIGHT, "look": look_weight}
-        for kind, extra in binding_loss(model, clips, capture, looks=look_weight > 0).items():
+        weights = {"object": BINDING_WEIGHT, "look": look_weight, "query": query_weight}
+        for kind, extra in binding_loss(model, clips, capture, looks=look_weight > 0, query=query_weight > 0).items():
             loss = loss + weights[kind] * extra
+            if parts is not None:
+                parts[kind] = extra.item()
     rows = torch.tensor([row for row, c in enumerate(clips) for _ in c.first_answer_at])
     at = torch.tensor([i for c in clips for i in c.first_answer_at])
     targets = torch.tensor([t for c in clips for t in c.first_answer_ids], device=logits.device)
@@ -690,9 +764,9 @@ def train_tiny(out: Path, config: TrainConfig, report: Callable[[str], None] = p
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
         if config.perception_from:
-            model = model_on_tower(config.perception_from, config.seed).to(config.device)
+            model = model_on_tower(config.perception_from, config.seed, config.place_scale).to(config.device)
         else:
-            model = new_model(config.seed).to(config.device)
+            model = new_model(config.seed, config.place_scale).to(config.device)
 
         def save(qa_step: int) -> None:
             model.config.trained = True

@@ -81,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--look-weight", type=nonnegative_float, default=0.0,
                       help="also supervise the first-look / last-look heads at this weight (default: off; "
                            "see docs/TRAINING.md)")
+    tiny.add_argument("--query-weight", type=nonnegative_float,
+                      help="supervise the naming head (layer 0, the question's words that name its objects) "
+                           "at this weight (default: the recipe's)")
+    tiny.add_argument("--place-scale", type=nonnegative_float,
+                      help="amplitude of the projector's row/column embeddings (default: the preset's, 0.25)")
+    tiny.add_argument("--pool-cache",
+                      help="keep encoded QA clip pools in this folder and reuse them when the tower and clips match")
     tiny.add_argument("--device", default="cpu", help="cpu or cuda: the same steps give the same recipe")
     tiny.add_argument("--workers", type=int, default=1, help="clip-rendering processes (0: none)")
     tiny.add_argument("--seed", type=int, default=0)
@@ -236,7 +243,8 @@ def run_train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     chosen = {name: getattr(args, name)
-              for name in ("perception_steps", "qa_steps", "qa_pool_clips", "eval_every", "curriculum")}
+              for name in ("perception_steps", "qa_steps", "qa_pool_clips", "eval_every", "curriculum",
+                           "query_weight", "pool_cache", "place_scale")}
     config = TrainConfig(**{name: value for name, value in chosen.items() if value is not None},
                          device=args.device, workers=args.workers, seed=args.seed, look_weight=args.look_weight,
                          perception_from=args.perception_from)

@@ -122,7 +122,7 @@ def test_head_scores_are_the_attention_the_lm_computes():
         weights = model.lm(inputs_embeds=clip.embeds[None], position_ids=clip.positions[None],
                            output_attentions=True).attentions[BINDING_LAYER][0]  # [H, L, L]
         at = clip.first_answer_at[0]
-        hidden, (cos, sin) = capture["hidden"][0], capture["cos_sin"]
+        hidden, (cos, sin) = capture[BINDING_LAYER][0][0], capture[BINDING_LAYER][1]
         for head in range(weights.shape[0]):
             scores = head_scores(binding_attention(model), head, hidden, cos[0], sin[0], torch.tensor([at]),
                                  slice(0, at + 1))
@@ -144,7 +144,7 @@ def test_binding_loss_is_low_when_the_head_already_attends_to_the_targets():
         clip = pack_clip(model, tokens, tokens.span_length, texts, answers, targets, looks)
         capture = {}
         packed_logits(model, [clip], capture)
-        assert capture["hidden"].shape[1] == len(clip.embeds) and BINDING_LAYER < len(model.lm.model.layers)
+        assert capture[BINDING_LAYER][0].shape[1] == len(clip.embeds) and BINDING_LAYER < len(model.lm.model.layers)
         losses.append({kind: float(value.detach()) for kind, value in binding_loss(model, [clip], capture).items()})
     for kind in ("object", "look"):
         assert losses[0][kind] < 1e-5 < losses[1][kind]
@@ -167,6 +167,65 @@ def test_look_heads_add_to_the_loss_only_when_asked():
         look = binding_loss(model, [clip], capture)["look"]
     torch.testing.assert_close(with_looks - plain, 0.5 * look)
     assert look > 1.0
+
+
+def test_naming_targets_are_the_question_words_that_name_its_objects():
+    model = new_model(0)
+    tokens, _, answers = sample_prompt(model, 1)
+    texts = ["What colour is the dot on the big white object?", "How many objects are there at the end?"]
+    clip = pack_clip(model, tokens, tokens.span_length, texts, answers * 2)
+    words = []
+    for (start, on), at in zip(clip.naming_targets, clip.first_answer_at):
+        assert len(on) == at + 1 - start  # the question's tokens up to the answer position
+        _, suffix_ids = model._prompt_ids(texts[len(words)])
+        words.append([model.tokenizer.decode([int(i)]) for i in suffix_ids[on]])
+    assert words == [["big", "white"], []]
+
+
+def test_naming_head_adds_its_term_only_when_weighted():
+    from eval.train_tiny import QUERY_HEAD, QUERY_LAYER, binding_loss, head_scores, packed_logits
+
+    model = new_model(0)
+    tokens, texts, answers = sample_prompt(model, 2)
+    one = [torch.nn.functional.one_hot(torch.tensor(3), len(tokens)).bool()] * 2
+    with torch.no_grad():
+        clip = pack_clip(model, tokens, tokens.span_length, texts, answers, one)
+        parts: dict = {}
+        plain, _ = packed_answer_loss(model, [clip], binding=True)
+        weighted, _ = packed_answer_loss(model, [clip], binding=True, query_weight=2.0, parts=parts)
+        capture = {}
+        packed_logits(model, [clip], capture)
+        assert "query" not in binding_loss(model, [clip], capture)
+        query = binding_loss(model, [clip], capture, query=True)["query"]
+        # by hand: -log of the naming head's softmax mass on the naming words, mean over questions
+        hidden, (cos, sin) = capture[QUERY_LAYER]
+        expected = []
+        for at, (start, on) in zip(clip.first_answer_at, clip.naming_targets):
+            if on.any():
+                scores = head_scores(model.lm.model.layers[QUERY_LAYER].self_attn, QUERY_HEAD, hidden[0], cos[0],
+                                     sin[0], torch.tensor([at]), slice(start, at + 1))[0]
+                expected.append(-torch.log(scores.softmax(-1)[on].sum()))
+    assert expected, "the sample's questions name their objects"
+    torch.testing.assert_close(query, torch.stack(expected).mean())
+    torch.testing.assert_close(weighted - plain, 2.0 * query)
+    assert set(parts) == {"answer", "object", "query"} and abs(parts["query"] - float(query)) < 1e-5
+
+
+def test_cached_pool_is_the_pool_encoded_again(tmp_path):
+    from eval.train_tiny import encode_pool, encode_pool_cached
+
+    model = new_model(0)
+    fresh = encode_pool(model, "val", 5, 2)
+    first = encode_pool_cached(model, "val", 5, 2, cache=tmp_path)
+    assert len(list(tmp_path.glob("pool-val-2-*.pt"))) == 1
+    again = encode_pool_cached(model, "val", 5, 2, cache=tmp_path)
+    for pool in (first, again):
+        torch.testing.assert_close(pool.features, fresh.features)
+        assert torch.equal(pool.owners, fresh.owners) and pool.questions == fresh.questions
+    with torch.no_grad():
+        next(model.encoder.parameters()).add_(1.0)
+    encode_pool_cached(model, "val", 5, 2, cache=tmp_path)  # another tower: its own file
+    assert len(list(tmp_path.glob("pool-val-2-*.pt"))) == 2
 
 
 def test_curriculum_keeps_the_chosen_frames_and_only_questions_they_answer():

@@ -100,3 +100,17 @@ def test_conv_stem_halves_once_per_layer_down_to_one_token_per_patch():
     assert stem(torch.zeros(2, 3, 128, 128)).shape == (2, 24, 8, 8)
     with pytest.raises(ValueError, match="one stride-2 layer per halving"):
         ConvStem([8, 8], width=24, patch_size=16)
+
+
+def test_place_scale_is_saved_with_the_model_and_scales_only_row_and_column(tmp_path):
+    config = VLMConfig.from_name("vidsieve-tiny")
+    config.place_scale = 1.0
+    strong = VLM.from_config(config, seed=0)
+    strong.save_pretrained(tmp_path)
+    assert VLM.from_pretrained(tmp_path, device="cpu").projector.place_scale == 1.0
+    default = VLM.from_config(VLMConfig.from_name("vidsieve-tiny"), seed=0)
+    frames = torch.arange(3)
+    a, b = strong.projector.where_when(frames, 4, 4), default.projector.where_when(frames, 4, 4)
+    place = a.shape[-1] // 2  # row and column: the first half of the width; the frame: the second
+    torch.testing.assert_close(a[..., :place], 4 * b[..., :place])
+    torch.testing.assert_close(a[..., place:], b[..., place:])
