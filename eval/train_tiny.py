@@ -86,6 +86,7 @@ class TrainConfig:
     workers: int = 1  # processes that render clips beside the training loop (0: render inline)
     perception_from: str | None = None  # a model folder whose tower (stage 1 of this recipe) is reused
     place_scale: float | None = None  # the projector's row/column amplitude; None: the preset's (VLMConfig)
+    time_scale: float | None = None  # the projector's frame amplitude; None: the preset's
     pool_cache: str | None = None  # a folder where encoded clip pools are kept and reused (encode_pool_cached)
     log: list = field(default_factory=list)
 
@@ -102,12 +103,15 @@ def shapesworld_vocabulary() -> list[str]:
     return sorted(words)
 
 
-def new_model(seed: int, place_scale: float | None = None) -> VLM:
-    """vidsieve-tiny at init; place_scale overrides the preset's projector row/column amplitude."""
+def new_model(seed: int, place_scale: float | None = None, time_scale: float | None = None) -> VLM:
+    """vidsieve-tiny at init; place_scale / time_scale override the preset's projector
+    row-and-column / frame amplitudes."""
     torch.manual_seed(seed)
     config = VLMConfig.from_name("vidsieve-tiny")
     if place_scale is not None:
         config.place_scale = place_scale
+    if time_scale is not None:
+        config.time_scale = time_scale
     tokenizer = build_word_tokenizer(shapesworld_vocabulary())
     config.lm["vocab_size"] = 8 * math.ceil(len(tokenizer) / 8)
     return VLM(config, tokenizer)
@@ -340,11 +344,12 @@ def pool_tokens(model: VLM, pool: ClipPool, index: int) -> VisualTokens:
     return VisualTokens.from_grid(model.projector(features), np.arange(len(features)) / sw.DEFAULT_CONFIG.fps)
 
 
-def model_on_tower(folder: str | Path, seed: int = 0, place_scale: float | None = None) -> VLM:
+def model_on_tower(folder: str | Path, seed: int = 0, place_scale: float | None = None,
+                   time_scale: float | None = None) -> VLM:
     """A fresh model (projector + LM at init) on the frozen tower of `folder`, a model that
     stage 1 of this recipe trained: where QA training and the probes start. Only the tower's
     weights are read, so a tower stays usable when the projector or LM changes."""
-    model = new_model(seed, place_scale)
+    model = new_model(seed, place_scale, time_scale)
     weights = load_file(Path(folder) / "model.safetensors")
     tower = {name.removeprefix("encoder."): value for name, value in weights.items() if name.startswith("encoder.")}
     model.encoder.load_state_dict(tower)
@@ -502,9 +507,15 @@ def pack_clip(model: VLM, kept: VisualTokens, span_length: int, questions: list[
                       look_targets or [None] * len(questions), naming)
 
 
+# Words that say when in the clip a question looks ("at the start", "when it disappears",
+# "which appears first"): the naming head gathers them with the object's name.
+TIME_WORDS = ("start", "end", "appears", "disappears", "first", "last")
+
+
 def naming_token_ids(tokenizer) -> torch.Tensor:
-    """Ids of the words that name an object in a question: colours, shapes, sizes, directions."""
-    words = {*sw.COLOURS, *sw.SHAPES, *sw.SHAPE_PLURALS.values(), *sw.SIZES, *sw.DIRECTIONS}
+    """Ids of the words that pick out what a question is about: an object's colour, shape,
+    size or direction, and the TIME_WORDS."""
+    words = {*sw.COLOURS, *sw.SHAPES, *sw.SHAPE_PLURALS.values(), *sw.SIZES, *sw.DIRECTIONS, *TIME_WORDS}
     vocabulary = tokenizer.get_vocab()
     return torch.tensor(sorted(vocabulary[word] for word in words if word in vocabulary))
 
@@ -764,9 +775,9 @@ def train_tiny(out: Path, config: TrainConfig, report: Callable[[str], None] = p
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
         if config.perception_from:
-            model = model_on_tower(config.perception_from, config.seed, config.place_scale).to(config.device)
+            model = model_on_tower(config.perception_from, config.seed, config.place_scale, config.time_scale).to(config.device)
         else:
-            model = new_model(config.seed, config.place_scale).to(config.device)
+            model = new_model(config.seed, config.place_scale, config.time_scale).to(config.device)
 
         def save(qa_step: int) -> None:
             model.config.trained = True

@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "at this weight (default: the recipe's)")
     tiny.add_argument("--place-scale", type=nonnegative_float,
                       help="amplitude of the projector's row/column embeddings (default: the preset's, 0.25)")
+    tiny.add_argument("--time-scale", type=nonnegative_float,
+                      help="amplitude of the projector's frame embeddings (default: the preset's, 0.25)")
     tiny.add_argument("--pool-cache",
                       help="keep encoded QA clip pools in this folder and reuse them when the tower and clips match")
     tiny.add_argument("--device", default="cpu", help="cpu or cuda: the same steps give the same recipe")
@@ -244,7 +246,7 @@ def run_train(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     chosen = {name: getattr(args, name)
               for name in ("perception_steps", "qa_steps", "qa_pool_clips", "eval_every", "curriculum",
-                           "query_weight", "pool_cache", "place_scale")}
+                           "query_weight", "pool_cache", "place_scale", "time_scale")}
     config = TrainConfig(**{name: value for name, value in chosen.items() if value is not None},
                          device=args.device, workers=args.workers, seed=args.seed, look_weight=args.look_weight,
                          perception_from=args.perception_from)

@@ -172,14 +172,15 @@ def test_look_heads_add_to_the_loss_only_when_asked():
 def test_naming_targets_are_the_question_words_that_name_its_objects():
     model = new_model(0)
     tokens, _, answers = sample_prompt(model, 1)
-    texts = ["What colour is the dot on the big white object?", "How many objects are there at the end?"]
-    clip = pack_clip(model, tokens, tokens.span_length, texts, answers * 2)
+    texts = ["What colour is the dot on the big white object?", "How many objects are there in the video?",
+             "Where is the circle at the end?"]
+    clip = pack_clip(model, tokens, tokens.span_length, texts, answers * 3)
     words = []
     for (start, on), at in zip(clip.naming_targets, clip.first_answer_at):
         assert len(on) == at + 1 - start  # the question's tokens up to the answer position
         _, suffix_ids = model._prompt_ids(texts[len(words)])
         words.append([model.tokenizer.decode([int(i)]) for i in suffix_ids[on]])
-    assert words == [["big", "white"], []]
+    assert words == [["big", "white"], [], ["circle", "end"]]
 
 
 def test_naming_head_adds_its_term_only_when_weighted():

@@ -104,10 +104,13 @@ def test_conv_stem_halves_once_per_layer_down_to_one_token_per_patch():
 
 def test_place_scale_is_saved_with_the_model_and_scales_only_row_and_column(tmp_path):
     config = VLMConfig.from_name("vidsieve-tiny")
-    config.place_scale = 1.0
+    config.place_scale, config.time_scale = 1.0, 0.5
     strong = VLM.from_config(config, seed=0)
     strong.save_pretrained(tmp_path)
-    assert VLM.from_pretrained(tmp_path, device="cpu").projector.place_scale == 1.0
+    loaded = VLM.from_pretrained(tmp_path, device="cpu").projector
+    assert (loaded.place_scale, loaded.time_scale) == (1.0, 0.5)
+    config.time_scale = 0.25
+    strong = VLM.from_config(config, seed=0)
     default = VLM.from_config(VLMConfig.from_name("vidsieve-tiny"), seed=0)
     frames = torch.arange(3)
     a, b = strong.projector.where_when(frames, 4, 4), default.projector.where_when(frames, 4, 4)

@@ -59,6 +59,7 @@ class VLMConfig:
     lm: dict  # a HF decoder config (`model_type` plus its fields)
     spatial_merge: int = 2  # merge x merge patches become one LM token
     place_scale: float = 0.25  # amplitude of the projector's row/column sinusoids (vlm.projector)
+    time_scale: float = 0.25  # and of its frame sinusoids
     num_frames: int = 16  # frames per clip the model was trained on (the default sampling plan)
     chat_template: str = "<user> {video} {question} <assistant>"
     model_type: str = NATIVE_MODEL_TYPE
@@ -227,7 +228,7 @@ class VLM(VideoAnswering, nn.Module):
         lm_config._attn_implementation = "sdpa"
         self.lm = AutoModelForCausalLM.from_config(lm_config)
         self.projector = Projector(self.encoder.width, lm_config.hidden_size, merge=config.spatial_merge,
-                                   place_scale=config.place_scale)
+                                   place_scale=config.place_scale, time_scale=config.time_scale)
         self.runner = LMRunner(self.lm)
         self.counters: Counter = Counter()  # full_prefills, video_prefills, question_prefills
         self.folder: Path | None = None  # where the weights were loaded from

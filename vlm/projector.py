@@ -42,11 +42,11 @@ def sinusoid(index: torch.Tensor, dims: int, max_period: float = 4096.0) -> torc
 
 class Projector(nn.Module):
     def __init__(self, vision_width: int, lm_width: int, *, merge: int = 1, max_grid: int = 64,
-                 place_scale: float = WHERE_WHEN_SCALE):
-        """place_scale: the amplitude of the row and column sinusoids (the frame's stays at
-        WHERE_WHEN_SCALE); a model's config records it (VLMConfig.place_scale)."""
+                 place_scale: float = WHERE_WHEN_SCALE, time_scale: float = WHERE_WHEN_SCALE):
+        """place_scale / time_scale: the amplitude of the row and column sinusoids / of the
+        frame's; a model's config records them (VLMConfig.place_scale, .time_scale)."""
         super().__init__()
-        self.place_scale = place_scale
+        self.place_scale, self.time_scale = place_scale, time_scale
         if lm_width % 8:
             raise ValueError(f"the LM width must divide by 8 (row, column and time embeddings); got {lm_width}")
         self.merge = merge
@@ -70,17 +70,16 @@ class Projector(nn.Module):
 
     def where_when(self, frame_index: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
         """[T, rows, cols, D]: a quarter of the width each for row and column (at place_scale),
-        half for the frame (at WHERE_WHEN_SCALE)."""
+        half for the frame (at time_scale)."""
         d = self.out[0].out_features
         device = frame_index.device
         row = sinusoid(torch.arange(rows, device=device), d // 4, self.max_grid)[None, :, None]
         col = sinusoid(torch.arange(cols, device=device), d // 4, self.max_grid)[None, None, :]
         time = sinusoid(frame_index, d // 2)[:, None, None]
         t = len(frame_index)
-        place = self.place_scale / WHERE_WHEN_SCALE
-        parts = [row.expand(t, rows, cols, -1) * place, col.expand(t, rows, cols, -1) * place,
-                 time.expand(t, rows, cols, -1)]
-        return torch.cat(parts, dim=-1) * WHERE_WHEN_SCALE
+        parts = [row.expand(t, rows, cols, -1) * self.place_scale, col.expand(t, rows, cols, -1) * self.place_scale,
+                 time.expand(t, rows, cols, -1) * self.time_scale]
+        return torch.cat(parts, dim=-1)
 
     def forward(self, features: torch.Tensor, frame_index: torch.Tensor | None = None) -> torch.Tensor:
         """features [T, H, W, C] patch tokens -> [T, H/m, W/m, D_lm].
