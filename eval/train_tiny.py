@@ -77,7 +77,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     binding: bool = True  # supervise one attention head with the scene's object locations (BINDING_LAYER)
     look_weight: float = 0.0  # on the first-look / last-look heads; 0: off (runs F, G, I: docs/TRAINING.md)
-    query_weight: float = 0.0  # on the naming head of QUERY_LAYER (the question's naming words); 0: off
+    query_weight: float = 1.0  # on the naming head of QUERY_LAYER (the question's naming words); 0: off
     curriculum: tuple = CURRICULUM  # (steps, frames) before whole clips; counted in qa_steps
     seed: int = 0
     eval_every: int = 500  # QA steps between validation passes (and checkpoints)
@@ -583,7 +583,7 @@ def packed_logits(model: VLM, clips: list[PackedClip], capture: dict | None = No
 #   shapes, sizes, directions). The object head can only find "the white object" once the
 #   answer position holds "white", and that gather is a circuit of its own; in runs whose
 #   object head never got much of its mass onto the objects, this is the step that had not
-#   formed. Off unless TrainConfig.query_weight > 0.
+#   formed: with it, run E's recipe binds for every seed tried (docs/TRAINING.md, runs J).
 #
 # The heads' weights and everything below them learn; at inference nothing changes.
 

@@ -325,3 +325,27 @@ def test_curriculum_flag_parses_stages_and_names_a_bad_one():
     for bad in ("-1", "nan", "heavy"):
         with pytest.raises(SystemExit):
             parser.parse_args(["train", "tiny", "--out", "x", "--look-weight", bad])
+
+
+def test_head_probe_reads_a_signal_the_outputs_carry_and_not_one_they_lack():
+    from eval.probe_heads import readable
+
+    generator = torch.Generator().manual_seed(0)
+    answers = torch.randint(0, 4, (400,), generator=generator) + 10  # word ids, not 0..3
+    carried = torch.nn.functional.one_hot(answers - 10, 4).float() + 0.3 * torch.randn(400, 4, generator=generator)
+    noise = torch.randn(400, 4, generator=generator)
+    assert readable(torch.cat([carried, noise], 1), answers) > 0.9
+    assert readable(noise, answers) < 0.45
+
+
+def test_head_probe_covers_every_question_of_the_clips_read():
+    from eval.probe_heads import head_outputs
+    from eval.train_tiny import encode_pool
+
+    model = new_model(0)
+    pool = encode_pool(model, "train", 0, 2)
+    found = head_outputs(model, pool, 2)
+    assert sum(len(record["answer"]) for record in found.values()) == sum(len(q) for q in pool.questions)
+    for record in found.values():
+        assert len(record["output"]) == len(record["right"]) == len(record["answer"])
+        assert all(value <= 0.0 for value in record["log_mass"])  # log of a mass in (0, 1]
