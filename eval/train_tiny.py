@@ -288,7 +288,7 @@ def encode_pool(model: VLM, split: str, first_index: int, clips: int, pool=None,
 def encode_pool_cached(model: VLM, split: str, first_index: int, clips: int, pool=None,
                        cache: str | Path | None = None) -> ClipPool:
     """`encode_pool`, kept in folder `cache` (if given) under a name made of the tower's weights,
-    the tower input size and the clips: the next run on the same tower loads it instead of
+    the projector's merge and the clips (split, first index, count): the next run on the same tower loads it instead of
     rendering and encoding again (12,000 clips: ~5 minutes on 2 cores, ~2.4 GB on disk)."""
     if cache is None:
         return encode_pool(model, split, first_index, clips, pool)
@@ -580,7 +580,7 @@ def packed_logits(model: VLM, clips: list[PackedClip], capture: dict | None = No
 # They also slow attribute binding, so they are off unless TrainConfig.look_weight > 0.
 #
 # - QUERY_HEAD of QUERY_LAYER: the question's own words that name its objects (colours,
-#   shapes, sizes, directions). The object head can only find "the white object" once the
+#   shapes, sizes, directions) or the time it asks about (TIME_WORDS). The object head can only find "the white object" once the
 #   answer position holds "white", and that gather is a circuit of its own; in runs whose
 #   object head never got much of its mass onto the objects, this is the step that had not
 #   formed: with it, run E's recipe binds for every seed tried (docs/TRAINING.md, runs J).
