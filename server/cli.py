@@ -237,20 +237,26 @@ def nonnegative_float(text: str) -> float:
     return value
 
 
-def run_train(args: argparse.Namespace) -> int:
-    import torch
+def train_config(args: argparse.Namespace):
+    """The TrainConfig of `vidsieve train tiny`'s flags; an unset flag keeps the recipe's value."""
+    from eval.train_tiny import TrainConfig
 
-    from eval.train_tiny import TrainConfig, train_tiny
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
     chosen = {name: getattr(args, name)
               for name in ("perception_steps", "qa_steps", "qa_pool_clips", "eval_every", "curriculum",
                            "query_weight", "pool_cache", "place_scale", "time_scale")}
-    config = TrainConfig(**{name: value for name, value in chosen.items() if value is not None},
-                         device=args.device, workers=args.workers, seed=args.seed, look_weight=args.look_weight,
-                         perception_from=args.perception_from)
-    train_tiny(args.out, config, report=lambda line: print(line, flush=True))
+    return TrainConfig(**{name: value for name, value in chosen.items() if value is not None},
+                       device=args.device, workers=args.workers, seed=args.seed, look_weight=args.look_weight,
+                       perception_from=args.perception_from)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from eval.train_tiny import train_tiny
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    train_tiny(args.out, train_config(args), report=lambda line: print(line, flush=True))
     return EXIT_OK
 
 

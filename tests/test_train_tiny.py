@@ -327,6 +327,24 @@ def test_curriculum_flag_parses_stages_and_names_a_bad_one():
             parser.parse_args(["train", "tiny", "--out", "x", "--look-weight", bad])
 
 
+def test_train_flags_become_the_config_a_checkpoint_records():
+    import json
+    from dataclasses import asdict
+
+    from eval.train_tiny import TrainConfig
+    from server.cli import build_parser, train_config
+
+    parser = build_parser()
+    assert train_config(parser.parse_args(["train", "tiny", "--out", "x"])) == TrainConfig()
+    config = train_config(parser.parse_args(["train", "tiny", "--out", "x", "--query-weight", "0", "--place-scale",
+                                             "1", "--time-scale", "0.5", "--pool-cache", "runs/pools"]))
+    assert (config.query_weight, config.place_scale, config.time_scale, config.pool_cache) == (0.0, 1.0, 0.5,
+                                                                                             "runs/pools")
+    json.dumps(asdict(config))  # saved beside every checkpoint (model.config.notes)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "tiny", "--out", "x", "--place-scale", "-1"])
+
+
 def test_head_probe_reads_a_signal_the_outputs_carry_and_not_one_they_lack():
     from eval.probe_heads import readable
 
