@@ -507,15 +507,11 @@ def pack_clip(model: VLM, kept: VisualTokens, span_length: int, questions: list[
                       look_targets or [None] * len(questions), naming)
 
 
-# Words that say when in the clip a question looks ("at the start", "when it disappears",
-# "which appears first"): the naming head gathers them with the object's name.
-TIME_WORDS = ("start", "end", "appears", "disappears", "first", "last")
-
-
 def naming_token_ids(tokenizer) -> torch.Tensor:
-    """Ids of the words that pick out what a question is about: an object's colour, shape,
-    size or direction, and the TIME_WORDS."""
-    words = {*sw.COLOURS, *sw.SHAPES, *sw.SHAPE_PLURALS.values(), *sw.SIZES, *sw.DIRECTIONS, *TIME_WORDS}
+    """Ids of the words that name an object in a question: colours, shapes, sizes, directions.
+    (Run L added "start", "end", "appears", "disappears", "first", "last": no better on
+    position; docs/TRAINING.md.)"""
+    words = {*sw.COLOURS, *sw.SHAPES, *sw.SHAPE_PLURALS.values(), *sw.SIZES, *sw.DIRECTIONS}
     vocabulary = tokenizer.get_vocab()
     return torch.tensor(sorted(vocabulary[word] for word in words if word in vocabulary))
 
@@ -580,7 +576,7 @@ def packed_logits(model: VLM, clips: list[PackedClip], capture: dict | None = No
 # They also slow attribute binding, so they are off unless TrainConfig.look_weight > 0.
 #
 # - QUERY_HEAD of QUERY_LAYER: the question's own words that name its objects (colours,
-#   shapes, sizes, directions) or the time it asks about (TIME_WORDS). The object head can only find "the white object" once the
+#   shapes, sizes, directions). The object head can only find "the white object" once the
 #   answer position holds "white", and that gather is a circuit of its own; in runs whose
 #   object head never got much of its mass onto the objects, this is the step that had not
 #   formed: with it, run E's recipe binds for every seed tried (docs/TRAINING.md, runs J).

@@ -180,7 +180,7 @@ def test_naming_targets_are_the_question_words_that_name_its_objects():
         assert len(on) == at + 1 - start  # the question's tokens up to the answer position
         _, suffix_ids = model._prompt_ids(texts[len(words)])
         words.append([model.tokenizer.decode([int(i)]) for i in suffix_ids[on]])
-    assert words == [["big", "white"], [], ["circle", "end"]]
+    assert words == [["big", "white"], [], ["circle"]]
 
 
 def test_naming_head_adds_its_term_only_when_weighted():
