@@ -480,7 +480,8 @@ class PackedClip:
     visual_span: tuple[int, int] = (0, 0)  # [start, end) of the visual tokens
     binding_targets: list[torch.Tensor | None] = field(default_factory=list)  # per question: [visual] bool
     look_targets: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)  # (first, last)
-    naming_targets: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # per question: (start, [at+1-start] bool)
+    # per question: (start of its segment, [at + 1 - start] bool over its tokens up to the answer)
+    naming_targets: list[tuple[int, torch.Tensor]] = field(default_factory=list)
 
 
 def pack_clip(model: VLM, kept: VisualTokens, span_length: int, questions: list[str],
@@ -771,7 +772,8 @@ def train_tiny(out: Path, config: TrainConfig, report: Callable[[str], None] = p
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
         if config.perception_from:
-            model = model_on_tower(config.perception_from, config.seed, config.place_scale, config.time_scale).to(config.device)
+            model = model_on_tower(config.perception_from, config.seed, config.place_scale, config.time_scale)
+            model = model.to(config.device)
         else:
             model = new_model(config.seed, config.place_scale, config.time_scale).to(config.device)
 

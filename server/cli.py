@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "see docs/TRAINING.md)")
     tiny.add_argument("--query-weight", type=nonnegative_float,
                       help="supervise the naming head (layer 0, the question's words that name its objects) "
-                           "at this weight (default: the recipe's)")
+                           "at this weight (default: the recipe's, 1)")
     tiny.add_argument("--place-scale", type=nonnegative_float,
                       help="amplitude of the projector's row/column embeddings (default: the preset's, 0.25)")
     tiny.add_argument("--time-scale", type=nonnegative_float,
