@@ -120,7 +120,7 @@ def _clips(model: VLM, start: int, count: int) -> list[tuple[VisualTokens, list[
     clips = [(sw.render(scene), questions)
              for scene, questions in (sw.scene_and_questions("train", start + i) for i in range(count))]
     with torch.no_grad():
-        features = model.encoder(model.encoder.preprocess(np.concatenate([frames for frames, _ in clips])))
+        features = model.encoder(model.encoder.preprocess_clips([frames for frames, _ in clips]))
         features = features.view(count, -1, *features.shape[1:])  # [B, T, G, G, width]
         embeds = [model.projector(clip_features) for clip_features in features]  # [T, H, W, D] each
     return [(VisualTokens.from_grid(clip_embeds, np.arange(len(frames)) / 8.0), questions)

@@ -61,6 +61,8 @@ AUGMENTATIONS = (
 CURRICULUM = ((1000, 1), (500, 2), (500, 4))
 # Question types whose answer one frame can show (the curriculum asks only these).
 FRAME_LOCAL_TYPES = frozenset({"attribute", "fine_detail", "instruction", "position"})
+# ...and those one frame answers when the tower also sees its change from the frame before.
+MOTION_LOCAL_TYPES = frozenset({"motion"})
 
 
 @dataclass
@@ -103,11 +105,15 @@ def shapesworld_vocabulary() -> list[str]:
     return sorted(words)
 
 
-def new_model(seed: int, place_scale: float | None = None, time_scale: float | None = None) -> VLM:
+def new_model(seed: int, place_scale: float | None = None, time_scale: float | None = None,
+              vision: dict | None = None) -> VLM:
     """vidsieve-tiny at init; place_scale / time_scale override the preset's projector
-    row-and-column / frame amplitudes."""
+    row-and-column / frame amplitudes, `vision` its tower config (a tower saved before the
+    preset changed). The tower is built first, so its config also fixes the LM's init."""
     torch.manual_seed(seed)
     config = VLMConfig.from_name("vidsieve-tiny")
+    if vision is not None:
+        config.vision = dict(vision)
     if place_scale is not None:
         config.place_scale = place_scale
     if time_scale is not None:
@@ -121,7 +127,8 @@ def new_model(seed: int, place_scale: float | None = None, time_scale: float | N
 
 class PerceptionHeads(nn.Module):
     """Per-patch heads on the tower's tokens: is an object here, and of a covered patch its
-    colour, shape, size and dot colour (class 0: no dot)."""
+    colour, shape, size, dot colour (class 0: no dot) and the quadrant of its centre; behind a
+    motion-input tower also its direction of motion and whether it appeared in this frame."""
 
     def __init__(self, width: int):
         super().__init__()
@@ -130,9 +137,19 @@ class PerceptionHeads(nn.Module):
         self.shape = nn.Linear(width, len(sw.SHAPES))
         self.size = nn.Linear(width, len(sw.SIZES))
         self.dot = nn.Linear(width, len(sw.COLOURS) + 1)
+        self.quadrant = nn.Linear(width, len(sw.QUADRANTS))
+        self.motion = nn.Linear(width, len(sw.DIRECTIONS))
+        self.appears = nn.Linear(width, 2)  # class 0: it was here the frame before; 1: new
+
+
+# Per-patch targets: label 0 means "nothing to learn here" (no object, or no frame before),
+# except for the dot, whose class 0 is "no dot" on a covered patch.
+PATCH_TARGETS = ("colour", "shape", "size", "dot", "quadrant", "motion", "appears")
+MOTION_TARGETS = frozenset({"motion", "appears"})  # need the frame before: motion-input towers only
 
 
 DOT_CLASS_WEIGHTS = torch.tensor([1.0] + [5.0] * len(sw.COLOURS))
+APPEARS_CLASS_WEIGHTS = torch.tensor([1.0, 10.0])  # an object is new in about 1 of its 40 patch-frames
 
 
 def patch_targets(scene: sw.Scene, object_ids: np.ndarray, patch_px: int) -> dict[str, np.ndarray]:
@@ -150,6 +167,22 @@ def patch_targets(scene: sw.Scene, object_ids: np.ndarray, patch_px: int) -> dic
         "size": [sw.SIZES.index(o.size) + 1 for o in scene.objects],
     }
     targets = {name: np.where(covered, np.asarray(values)[owner], 0) for name, values in lookup.items()}
+    # What changes over time, per object and frame [N, T]: quadrant of the centre, and (from
+    # frame 1 on) the direction and whether the object is new since the frame before.
+    quadrants = np.zeros((len(scene.objects), frames), np.int64)
+    motion = np.zeros_like(quadrants)
+    appears = np.zeros_like(quadrants)
+    for obj in scene.objects:
+        for t in np.flatnonzero(scene.present[obj.object_id]):
+            quadrants[obj.object_id, t] = sw.QUADRANTS.index(sw.quadrant_of(scene, obj.object_id, int(t))) + 1
+            if t == 0:
+                continue
+            was_here = bool(scene.present[obj.object_id, t - 1])
+            appears[obj.object_id, t] = 1 if was_here else 2
+            motion[obj.object_id, t] = sw.DIRECTIONS.index(obj.direction) + 1 if was_here else 0
+    frame_of = np.arange(frames)[:, None, None]
+    for name, table in (("quadrant", quadrants), ("motion", motion), ("appears", appears)):
+        targets[name] = np.where(covered, table[owner, frame_of], 0)
     dot = np.zeros((frames, grid, grid), np.int64)
     for obj in scene.objects:
         if obj.dot_colour is None:
@@ -161,16 +194,17 @@ def patch_targets(scene: sw.Scene, object_ids: np.ndarray, patch_px: int) -> dic
     return targets
 
 
-def perception_batch(first_index: int, clips: int, patch_px: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Frames [clips*T, H, W, 3] of training clips first_index.. and their per-patch targets."""
-    frames, targets = [], {"colour": [], "shape": [], "size": [], "dot": []}
+def perception_batch(first_index: int, clips: int, patch_px: int) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+    """Frames (one [T, H, W, 3] array per clip) of training clips first_index.. and their
+    per-patch targets [clips*T, G, G]."""
+    frames, targets = [], {name: [] for name in PATCH_TARGETS}
     for index in range(first_index, first_index + clips):
         scene, _ = sw.scene_and_questions("train", index)
         rgb, object_ids = sw.render_with_labels(scene)
         frames.append(rgb)
         for name, value in patch_targets(scene, object_ids, patch_px).items():
             targets[name].append(value)
-    return np.concatenate(frames), {name: np.concatenate(values) for name, values in targets.items()}
+    return frames, {name: np.concatenate(values) for name, values in targets.items()}
 
 
 def train_perception(model: VLM, config: TrainConfig, report: Callable[[str], None], pool=None) -> None:
@@ -179,25 +213,27 @@ def train_perception(model: VLM, config: TrainConfig, report: Callable[[str], No
     heads = PerceptionHeads(encoder.width).to(device)
     params = list(encoder.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.perception_lr, weight_decay=config.weight_decay)
-    dot_weights = DOT_CLASS_WEIGHTS.to(device)
+    class_weights = {"dot": DOT_CLASS_WEIGHTS.to(device), "appears": APPEARS_CLASS_WEIGHTS.to(device)}
+    names = [name for name in PATCH_TARGETS if encoder.motion_input or name not in MOTION_TARGETS]
     n = config.perception_clips_per_step
     batches = prefetch(pool, perception_batch, ((step * n, n, encoder.patch_size) for step in range(config.perception_steps)))
-    correct = {name: 0 for name in ("colour", "shape", "size", "dot")}
+    correct = {name: 0 for name in names}
     counted = dict(correct)
     for step, (frames, targets) in enumerate(batches, start=1):
-        tokens = encoder(encoder.preprocess(frames))  # [B*T, G, G, width]
-        labels = {name: torch.from_numpy(value).long().to(device) for name, value in targets.items()}
+        tokens = encoder(encoder.preprocess_clips(frames))  # [B*T, G, G, width]
+        labels = {name: torch.from_numpy(targets[name]).long().to(device) for name in names}
         logits = {name: getattr(heads, name)(tokens) for name in labels}
         # Most patches are background, and a loss averaged over all of them lets "nothing" win
-        # (measured: shape stayed at chance). So: one objectness loss over every patch, and the
-        # attributes (colour, shape, size, dot colour or none) over covered patches only, each
-        # with the same weight; dots sit on few covered patches, so their classes weigh more.
+        # (measured: shape stayed at chance). So: one objectness loss over every patch, and each
+        # attribute over the covered patches that have a label (each with the same weight);
+        # dots and new objects sit on few covered patches, so those classes weigh more.
         covered = labels["colour"] != 0
         losses = {"object": F.binary_cross_entropy_with_logits(heads.object(tokens).squeeze(-1), covered.float())}
-        for name in ("colour", "shape", "size", "dot"):
+        for name in names:
+            labelled = covered if name == "dot" else labels[name] != 0
             target = labels[name] if name == "dot" else labels[name] - 1  # dot keeps class 0: "no dot"
-            losses[name] = F.cross_entropy(logits[name][covered], target[covered],
-                                           weight=dot_weights if name == "dot" else None)
+            if labelled.any():
+                losses[name] = F.cross_entropy(logits[name][labelled], target[labelled], weight=class_weights.get(name))
         loss = sum(losses.values())
         optimizer_step(optimizer, params, loss, config.perception_lr, step / config.perception_steps)
         for name, label in labels.items():  # accuracy on patches with something to predict
@@ -276,7 +312,7 @@ def encode_pool(model: VLM, split: str, first_index: int, clips: int, pool=None,
         questions.append(clip_questions)
         owners.append(clip_owners)
         if len(pending) == chunk or done == clips:
-            encoded = model.encoder(model.encoder.preprocess(np.concatenate(pending)))
+            encoded = model.encoder(model.encoder.preprocess_clips(pending))
             encoded = encoded.view(len(pending), -1, *encoded.shape[1:]).half()  # [B, T, G, G, width]
             if features is None:
                 features = torch.empty((clips, *encoded.shape[1:]), dtype=torch.float16, device=encoded.device)
@@ -327,8 +363,9 @@ def packed_from_pool(model: VLM, pool: ClipPool, index: int, spec: CompressorSpe
     masks = binding_masks(kept, pool.owners[index], questions)
     looks = look_masks(kept, pool.owners[index], questions)
     if cut:
+        local = FRAME_LOCAL_TYPES | (MOTION_LOCAL_TYPES if model.encoder.motion_input else frozenset())
         answerable = [i for i, (q, m) in enumerate(zip(questions, masks))
-                      if q.type in FRAME_LOCAL_TYPES and bool(m.any())]
+                      if q.type in local and bool(m.any())]
         if not answerable:
             return None
         questions = [questions[i] for i in answerable]
@@ -347,9 +384,10 @@ def pool_tokens(model: VLM, pool: ClipPool, index: int) -> VisualTokens:
 def model_on_tower(folder: str | Path, seed: int = 0, place_scale: float | None = None,
                    time_scale: float | None = None) -> VLM:
     """A fresh model (projector + LM at init) on the frozen tower of `folder`, a model that
-    stage 1 of this recipe trained: where QA training and the probes start. Only the tower's
-    weights are read, so a tower stays usable when the projector or LM changes."""
-    model = new_model(seed, place_scale, time_scale)
+    stage 1 of this recipe trained: where QA training and the probes start. Only the tower (its
+    config and weights) is read, so a tower stays usable when the projector, LM or preset changes."""
+    vision = json.loads((Path(folder) / "config.json").read_text())["vision"]
+    model = new_model(seed, place_scale, time_scale, vision)
     weights = load_file(Path(folder) / "model.safetensors")
     tower = {name.removeprefix("encoder."): value for name, value in weights.items() if name.startswith("encoder.")}
     model.encoder.load_state_dict(tower)

@@ -305,6 +305,7 @@ class Session:
         self._encoder = (PatchReuseEncoder(model.encoder, threshold=reuse.threshold, refresh_every=reuse.refresh_every)
                          if reuse.patches else model.encoder)
         self._carriers = CarrierMemory(memory.carriers) if memory.carriers else None
+        self._previous_rgb: np.ndarray | None = None  # the last frame encoded
         self.emit = emit
         self._can_emit = can_emit
         self._sampler = FrameSampler(config.fps)
@@ -485,7 +486,8 @@ class Session:
         """One frame -> its visual tokens; the projector's time embedding and the tokens'
         frame index are the frame's number in the stream (as for frame t of a clip)."""
         number = self.frames_seen
-        features = self._encoder.encode(frame.rgb[None]).tokens  # [1, Hg, Wg, D_vision]
+        features = self._encoder.encode(frame.rgb[None], previous=self._previous_rgb).tokens  # [1, Hg, Wg, D]
+        self._previous_rgb = frame.rgb  # a motion-input tower reads each frame's change from this one
         embeds = self.model.projector(features, frame_index=torch.tensor([number]))  # [1, Hg/m, Wg/m, D_lm]
         tokens = VisualTokens.from_grid(embeds, [frame.timestamp_s])
         return dataclasses.replace(tokens, frame_index=torch.full_like(tokens.frame_index, number))

@@ -10,6 +10,7 @@ import weakref
 
 import numpy as np
 import pytest
+import torch
 
 from compressors import SpecError
 from streaming.engine import Engine, EngineConfig, EngineFullError
@@ -324,3 +325,26 @@ def test_a_job_that_crashes_is_closed_with_an_internal_error_and_the_engine_serv
     finally:
         engine.shutdown()
     assert isinstance(broken_events[0], ErrorEvent) and broken_events[0].code == "internal" and broken_events[0].fatal
+
+
+def test_a_stream_encodes_each_frame_with_the_frame_before_as_a_clip_would(model, video):
+    """vidsieve-tiny's tower reads each frame's change from the one before: pushed one at a
+    time, frames must give the tokens they give inside the whole clip (not those of a still frame)."""
+    frames, timestamps_s, _ = video
+    seen = []
+    project = model.projector.forward
+
+    def recording(features, frame_index=None):
+        seen.append(features.clone())
+        return project(features, frame_index)
+
+    model.projector.forward = recording
+    try:
+        run_session(model, SessionConfig(fps=None, memory=MemoryPolicy(carriers=0, window_frames=16)),
+                    frames[:5], timestamps_s[:5], [])
+    finally:
+        del model.projector.forward
+    clip_features = model.encoder.encode(frames[:5]).tokens
+    torch.testing.assert_close(torch.cat(seen), clip_features, atol=1e-4, rtol=1e-4)
+    still = model.encoder.encode(frames[3:4]).tokens  # frame 3 with no frame before it
+    assert (still - clip_features[3]).abs().max() > 1e-3

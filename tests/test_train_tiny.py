@@ -35,12 +35,38 @@ def test_patch_targets_mark_the_dot_colour_where_the_dot_is():
     scene, _ = sw.scene_and_questions("train", 0)
     frames, object_ids = sw.render_with_labels(scene)
     targets = patch_targets(scene, object_ids, 16)
-    assert set(targets) == {"colour", "shape", "size", "dot"}
+    assert set(targets) == {"colour", "shape", "size", "dot", "quadrant", "motion", "appears"}
     t, row, col = map(int, np.argwhere(targets["dot"] > 0)[0])
     colour = sw.COLOURS[targets["dot"][t, row, col] - 1]
     patch = frames[t, 16 * row:16 * row + 16, 16 * col:16 * col + 16].reshape(-1, 3)
     assert ((patch == sw.COLOURS_RGB[colour]).all(-1)).sum() >= 4
     assert (targets["colour"] > 0).mean() > 0.05 and (targets["colour"] == 0).mean() > 0.3
+
+
+def test_patch_targets_give_each_covered_patch_its_objects_quadrant_motion_and_novelty():
+    checked = {"moving": 0, "new": 0}
+    for index in range(12):
+        scene, _ = sw.scene_and_questions("train", index)
+        _, object_ids = sw.render_with_labels(scene)
+        targets = patch_targets(scene, object_ids, 16)
+        for obj in scene.objects:
+            for t in np.flatnonzero(scene.seen(obj.object_id)):
+                own = (object_ids[t] == obj.object_id).reshape(8, 16, 8, 16).sum(axis=(1, 3)) >= 128
+                if not own.any():  # no patch mostly this object's
+                    continue
+                quadrant = sw.QUADRANTS[targets["quadrant"][t][own][0] - 1]
+                assert quadrant == sw.quadrant_of(scene, obj.object_id, int(t))
+                motion, appears = targets["motion"][t][own], targets["appears"][t][own]
+                if t == 0:  # no frame before: nothing to learn
+                    assert (motion == 0).all() and (appears == 0).all()
+                elif scene.present[obj.object_id, t - 1]:
+                    assert (motion == sw.DIRECTIONS.index(obj.direction) + 1).all() and (appears == 1).all()
+                    checked["moving"] += obj.direction != "still"
+                else:  # it appeared in this frame: new, and no direction to read yet
+                    assert (motion == 0).all() and (appears == 2).all()
+                    checked["new"] += 1
+        assert ((targets["quadrant"] > 0) == (targets["colour"] > 0)).all()
+    assert checked["moving"] > 20 and checked["new"] > 2
 
 
 def test_binding_masks_point_at_the_tokens_that_show_the_question_objects():
@@ -367,3 +393,18 @@ def test_head_probe_covers_every_question_of_the_clips_read():
     for record in found.values():
         assert len(record["output"]) == len(record["right"]) == len(record["answer"])
         assert all(value <= 0.0 for value in record["log_mass"])  # log of a mass in (0, 1]
+
+
+def test_a_tower_saved_before_motion_input_still_starts_qa_training(tmp_path):
+    """model_on_tower builds the tower its folder's config describes: a three-channel tower
+    trained before the preset read motion keeps working with --perception-from."""
+    from eval.probe_binding import PROBE_TOWER
+    from eval.train_tiny import model_on_tower
+
+    old = new_model(0, vision=PROBE_TOWER)
+    old.save_pretrained(tmp_path)
+    model = model_on_tower(tmp_path, seed=1)
+    assert not model.encoder.motion_input and model.encoder.visual.conv1[0].in_channels == 3
+    for name, value in old.encoder.state_dict().items():
+        torch.testing.assert_close(model.encoder.state_dict()[name], value, rtol=0, atol=0)
+    assert new_model(0).encoder.visual.conv1[0].in_channels == 6  # the preset reads motion

@@ -102,6 +102,41 @@ def test_conv_stem_halves_once_per_layer_down_to_one_token_per_patch():
         ConvStem([8, 8], width=24, patch_size=16)
 
 
+def test_motion_input_tower_sees_each_frames_change_from_the_one_before(model):
+    from eval import shapesworld as sw
+    from vlm.encoder import MOTION_GAIN
+
+    encoder = model.encoder
+    assert encoder.motion_input and encoder.visual.conv1[0].in_channels == 6
+    frames = sw.render(sw.scene_and_questions("val", 1)[0])[:7]
+    pixels = encoder.preprocess(frames)
+    assert pixels.shape == (7, 6, 128, 128)
+    raw = torch.as_tensor(frames).permute(0, 3, 1, 2).float() / 255
+    torch.testing.assert_close(pixels[1:, 3:], MOTION_GAIN * (raw[1:] - raw[:-1]))
+    assert pixels[0, 3:].abs().max() == 0  # nothing before the first frame: no change
+    assert pixels[1:, 3:].abs().max() > 0.5  # something moves in this clip
+    # A clip cut anywhere, the rest given its frame before, encodes as the whole clip (streams,
+    # chunks); without that frame the cut frame reads as still.
+    whole = encoder.encode(frames).tokens
+    tail = encoder.encode(frames[4:], previous=frames[3]).tokens
+    torch.testing.assert_close(tail, whole[4:], atol=1e-4, rtol=1e-4)
+    encoder.chunk_frames = 3
+    try:
+        torch.testing.assert_close(encoder.encode(frames).tokens, whole, atol=1e-4, rtol=1e-4)
+    finally:
+        encoder.chunk_frames = 32
+    assert (encoder.encode(frames[4:]).tokens[0] - whole[4]).abs().max() > 1e-3
+    clips = encoder.preprocess_clips([frames[:3], frames[3:]])
+    assert clips[3, 3:].abs().max() == 0  # a second clip's first frame does not see the first clip
+
+
+def test_motion_input_needs_a_conv_stem():
+    config = VLMConfig.from_name("vidsieve-tiny")
+    del config.vision["conv_stem"]
+    with pytest.raises(ValueError, match="motion_input needs a conv_stem"):
+        VLM.from_config(config)
+
+
 def test_place_scale_is_saved_with_the_model_and_scales_only_row_and_column(tmp_path):
     config = VLMConfig.from_name("vidsieve-tiny")
     config.place_scale, config.time_scale = 1.0, 0.5

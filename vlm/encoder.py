@@ -15,6 +15,10 @@ from torch import nn
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# A motion-input tower (`motion_input` in its config) sees each frame's change from the frame
+# before as three more channels, pixel differences in [-1, 1] times this gain (about the
+# spread of the normalised colour channels).
+MOTION_GAIN = 2.0
 
 
 @dataclass(frozen=True)
@@ -24,11 +28,15 @@ class EncodedFrames:
 
 
 class VisionEncoder(Protocol):
-    """Turns RGB frames uint8 [T, H, W, 3] into patch tokens [T, H_grid, W_grid, D]."""
+    """Turns RGB frames uint8 [T, H, W, 3] into patch tokens [T, H_grid, W_grid, D].
+
+    `previous`: the frame before frames[0], for encoders that read motion (a stream passes its
+    last frame); others ignore it."""
 
     width: int
 
-    def encode(self, frames: np.ndarray | torch.Tensor) -> EncodedFrames: ...
+    def encode(self, frames: np.ndarray | torch.Tensor, previous: np.ndarray | torch.Tensor | None = None
+               ) -> EncodedFrames: ...
 
 
 class ConvStem(nn.Sequential):
@@ -44,12 +52,12 @@ class ConvStem(nn.Sequential):
     accuracies after training in docs/TRAINING.md).
     """
 
-    def __init__(self, channels: list[int], width: int, patch_size: int):
+    def __init__(self, channels: list[int], width: int, patch_size: int, in_channels: int = 3):
         if patch_size != 2 ** len(channels):
             raise ValueError(f"conv_stem needs one stride-2 layer per halving of the {patch_size} px patch; "
                              f"got {len(channels)} layers")
         layers: list[nn.Module] = []
-        previous = 3
+        previous = in_channels
         for count in channels:
             layers += [nn.Conv2d(previous, count, 3, stride=2, padding=1), nn.GroupNorm(1, count), nn.GELU()]
             previous = count
@@ -62,6 +70,12 @@ class OpenClipEncoder(nn.Module):
     Frames are resized to the tower's square input, normalised with CLIP statistics and run
     in chunks so memory stays bounded for long clips. `conv_stem: [C1, C2, ...]` in the config
     puts a `ConvStem` with those channels in place of the tower's patch embedding (`conv1`).
+
+    `motion_input: true` (with a conv stem) gives the stem each frame's difference from the
+    frame before as three more input channels, as two-stream video networks feed RGB
+    differences beside RGB: one frame's tokens can then say which way an object moves and
+    whether it just appeared, which no single still frame shows. The frame before the first
+    is `previous` if given (a stream's last frame), else the frame itself (no change).
     """
 
     def __init__(self, vision_cfg: dict, *, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, chunk_frames: int = 32):
@@ -70,9 +84,13 @@ class OpenClipEncoder(nn.Module):
 
         cfg = dict(vision_cfg, output_tokens=True)
         stem_channels = cfg.pop("conv_stem", None)
+        self.motion_input = bool(cfg.pop("motion_input", False))
+        if self.motion_input and not stem_channels:
+            raise ValueError("motion_input needs a conv_stem (the ViT's own patch embedding takes RGB only)")
         self.visual = _build_vision_tower(embed_dim=cfg.pop("embed_dim", cfg["width"]), vision_cfg=cfg)
         if stem_channels:
-            self.visual.conv1 = ConvStem(list(stem_channels), cfg["width"], cfg["patch_size"])
+            self.visual.conv1 = ConvStem(list(stem_channels), cfg["width"], cfg["patch_size"],
+                                         in_channels=6 if self.motion_input else 3)
         self.image_size = int(cfg["image_size"])
         self.patch_size = int(cfg["patch_size"])
         self.width = int(cfg["width"])
@@ -85,25 +103,47 @@ class OpenClipEncoder(nn.Module):
         side = self.image_size // self.patch_size
         return side, side
 
-    def preprocess(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """uint8 [T, H, W, 3] -> normalised float [T, 3, S, S] on the encoder's device/dtype."""
+    def resized(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 [T, H, W, 3] -> float [T, 3, S, S] in [0, 1] on the encoder's device."""
         param = next(self.visual.parameters())
         pixels = torch.as_tensor(np.ascontiguousarray(frames) if isinstance(frames, np.ndarray) else frames)
         pixels = pixels.to(param.device).permute(0, 3, 1, 2).float() / 255.0
         if pixels.shape[-2:] != (self.image_size, self.image_size):
             pixels = F.interpolate(pixels, size=(self.image_size, self.image_size), mode="bilinear",
                                    antialias=True, align_corners=False)
-        return ((pixels - self.mean) / self.std).to(param.dtype)
+        return pixels
+
+    def preprocess(self, frames: np.ndarray | torch.Tensor, previous: np.ndarray | torch.Tensor | None = None
+                   ) -> torch.Tensor:
+        """uint8 [T, H, W, 3] frames of one clip -> the tower's input [T, C, S, S] on its
+        device/dtype: normalised RGB (C = 3), and with `motion_input` each frame's change from the
+        one before (C = 6). `previous` [H, W, 3]: the frame before frames[0], if any."""
+        pixels = self.resized(frames)
+        normalised = (pixels - self.mean) / self.std
+        if self.motion_input:
+            before = self.resized(previous[None]) if previous is not None else pixels[:1]
+            change = pixels - torch.cat([before, pixels[:-1]])
+            normalised = torch.cat([normalised, change * MOTION_GAIN], dim=1)
+        return normalised.to(next(self.visual.parameters()).dtype)
+
+    def preprocess_clips(self, clips: list[np.ndarray]) -> torch.Tensor:
+        """Several clips' frames -> one batch of tower inputs; no clip sees another's frames as its past."""
+        return torch.cat([self.preprocess(frames) for frames in clips])
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Normalised pixels [T, 3, S, S] -> patch tokens [T, H_grid, W_grid, D]."""
+        """Tower inputs [T, C, S, S] (from `preprocess`) -> patch tokens [T, H_grid, W_grid, D]."""
         _, tokens = self.visual(pixels)  # [T, H_grid * W_grid, D]
         return tokens.view(tokens.shape[0], *self.grid, tokens.shape[-1])
 
     @torch.inference_mode()
-    def encode(self, frames: np.ndarray | torch.Tensor) -> EncodedFrames:
-        chunks = [self(self.preprocess(frames[start:start + self.chunk_frames]))
-                  for start in range(0, len(frames), self.chunk_frames)]
+    def encode(self, frames: np.ndarray | torch.Tensor, previous: np.ndarray | torch.Tensor | None = None
+               ) -> EncodedFrames:
+        """uint8 frames [T, H, W, 3] of one clip or stream -> patch tokens. `previous`: the frame
+        before frames[0] (a stream's last), read by a motion-input tower only."""
+        chunks = []
+        for start in range(0, len(frames), self.chunk_frames):
+            before = frames[start - 1] if start else previous
+            chunks.append(self(self.preprocess(frames[start:start + self.chunk_frames], before)))
         return EncodedFrames(tokens=torch.cat(chunks), grid=self.grid)
 
 
@@ -130,7 +170,9 @@ class PatchReuseEncoder:
     tokens; every other patch keeps last frame's per-layer states. The class token is always
     recomputed. Unchanged tokens ignore what their changed neighbours now say, so error
     accumulates: every `refresh_every` frames the whole frame is recomputed. State carries across `encode` calls, so a stream can feed frames as
-    they arrive; `reset()` starts afresh.
+    they arrive; `reset()` starts afresh. Behind a motion-input tower a patch's input is also its
+    change from the frame before, so a patch that changed last frame (its change now gone) is
+    recomputed too.
     """
 
     def __init__(self, encoder: OpenClipEncoder, *, threshold: float = 0.02, refresh_every: int = 8):
@@ -147,20 +189,26 @@ class PatchReuseEncoder:
         self.reset()
 
     def reset(self) -> None:
+        self._previous_frame: np.ndarray | torch.Tensor | None = None  # uint8 [H, W, 3]
         self._previous_pixels: torch.Tensor | None = None  # [1, 3, S, S] in [0, 1]
+        self._previous_changed: torch.Tensor | None = None  # [G, G] bool: what changed last frame
         self._layer_inputs: list[torch.Tensor] = []  # per layer [1, 1 + N, width], plus the output
         self._since_refresh = 0
 
     @torch.inference_mode()
-    def encode(self, frames: np.ndarray | torch.Tensor) -> EncodedFrames:
+    def encode(self, frames: np.ndarray | torch.Tensor, previous: np.ndarray | torch.Tensor | None = None
+               ) -> EncodedFrames:
+        """`previous` is read only by a fresh (or reset) encoder; after that it follows its own frames."""
+        if self._previous_frame is None and previous is not None:
+            self._previous_frame = previous
         tokens = [self._encode_one(frames[index:index + 1]) for index in range(len(frames))]
         return EncodedFrames(tokens=torch.cat(tokens), grid=self.encoder.grid)
 
     def _encode_one(self, frame: np.ndarray | torch.Tensor) -> torch.Tensor:
         """One frame uint8 [1, H, W, 3] -> patch tokens [1, H_grid, W_grid, width]."""
         visual = self.encoder.visual
-        pixels = self.encoder.preprocess(frame)  # [1, 3, S, S] normalised
-        raw = pixels * self.encoder.std + self.encoder.mean  # back to [0, 1] for the change test
+        pixels = self.encoder.preprocess(frame, self._previous_frame)  # [1, C, S, S]: the tower's input
+        raw = self.encoder.resized(frame)  # [1, 3, S, S] in [0, 1], for the change test
         changed = self._changed_patches(raw)  # [N] bool, or None for a full frame
         embedded = visual._embeds(pixels)  # [1, 1 + N, width]
         num_patches = embedded.shape[1] - 1
@@ -190,19 +238,25 @@ class PatchReuseEncoder:
             self._layer_inputs = states
             self._since_refresh += 1
         self._previous_pixels = raw
+        self._previous_frame = frame[0]
         _, tokens = visual._pool(self._layer_inputs[-1])  # [1, N, width]
         return tokens.view(1, *self.encoder.grid, tokens.shape[-1])
 
     def _changed_patches(self, raw: torch.Tensor) -> torch.Tensor | None:
         """[N] bool per patch, or None when the whole frame must be recomputed."""
-        if self._previous_pixels is None or self._since_refresh + 1 >= self.refresh_every:
+        if self._previous_pixels is None:
             return None
         patch = self.encoder.patch_size
         difference = (raw - self._previous_pixels).abs().mean(1)  # [1, S, S]
-        per_patch = F.avg_pool2d(difference[:, None], patch)  # [1, 1, G, G]
-        changed = per_patch > self.threshold
+        moved = F.avg_pool2d(difference[:, None], patch)[0, 0] > self.threshold  # [G, G]
+        changed = moved
+        if self.encoder.motion_input and self._previous_changed is not None:
+            changed = moved | self._previous_changed  # its change channels go from motion to none
+        self._previous_changed = moved
+        if self._since_refresh + 1 >= self.refresh_every:
+            return None
         if isinstance(self.encoder.visual.conv1, ConvStem):
             # A conv stem's token sees about one patch beyond its own: a change next door changes it too.
-            changed = F.max_pool2d(changed.float(), 3, stride=1, padding=1) > 0
+            changed = F.max_pool2d(changed[None, None].float(), 3, stride=1, padding=1)[0, 0] > 0
         changed = changed.flatten()  # [N]
         return None if bool(changed.all()) else changed
