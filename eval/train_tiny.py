@@ -69,7 +69,7 @@ MOTION_LOCAL_TYPES = frozenset({"motion"})
 class TrainConfig:
     """Every stage is counted in steps, so a run is the same run on any machine (CPU or GPU)."""
 
-    perception_steps: int = 3000
+    perception_steps: int = 6000  # 3000 left the dot at 45% once the tower also learnt motion (run M)
     perception_clips_per_step: int = 4  # x 16 frames
     perception_lr: float = 2e-3
     qa_pool_clips: int = 12_000  # rendered and put through the frozen tower once, then reused
