@@ -102,7 +102,7 @@ def ask(model, tokens: VisualTokens, colours, shapes, shows, rng: random.Random)
 
 # The probe feeds the LM synthetic features and never runs the tower; but the tower is built
 # first, so its shape fixes the LM's init. This is the tower the probe's recorded runs were
-# built with (docs/TRAINING.md; before the preset gained motion input), so they rerun exactly.
+# built with (docs/TRAINING.md; before the recipe's tower read motion), so they rerun exactly.
 PROBE_TOWER = {"image_size": 128, "patch_size": 16, "width": 96, "layers": 3, "head_width": 32,
                "mlp_ratio": 2.0, "conv_stem": [16, 32, 48, 64]}
 

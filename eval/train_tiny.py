@@ -108,12 +108,12 @@ def shapesworld_vocabulary() -> list[str]:
 def new_model(seed: int, place_scale: float | None = None, time_scale: float | None = None,
               vision: dict | None = None) -> VLM:
     """vidsieve-tiny at init; place_scale / time_scale override the preset's projector
-    row-and-column / frame amplitudes, `vision` its tower config (a tower saved before the
-    preset changed). The tower is built first, so its config also fixes the LM's init."""
+    row-and-column / frame amplitudes, `vision` the tower config (default: the preset's with
+    motion input, the recipe's tower since the sixth session; an older tower's config for
+    --perception-from). The tower is built first, so its config also fixes the LM's init."""
     torch.manual_seed(seed)
     config = VLMConfig.from_name("vidsieve-tiny")
-    if vision is not None:
-        config.vision = dict(vision)
+    config.vision = dict(vision) if vision is not None else {**config.vision, "motion_input": True}
     if place_scale is not None:
         config.place_scale = place_scale
     if time_scale is not None:

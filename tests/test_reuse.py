@@ -130,3 +130,19 @@ def test_reuse_specs_parse(text, expected):
 def test_bad_reuse_specs_name_the_problem(text, message):
     with pytest.raises(ReuseSpecError, match=message):
         ReuseSpec.parse(text)
+
+
+def test_patch_reuse_behind_a_motion_input_tower_matches_full_frames_and_a_still_clip():
+    """A motion-input tower (the recipe's) also reads each frame's change: reused frames stay
+    exact on a still clip, and full (refreshed) frames of a moving clip equal the clip's."""
+    config = VLMConfig.from_name("vidsieve-tiny")
+    config.vision["motion_input"] = True
+    encoder = VLM.from_config(config, seed=2).encoder
+    still = np.repeat(sw.render(sw.scene_and_questions("val", 0)[0])[:1], 6, axis=0)
+    reuse = PatchReuseEncoder(encoder, threshold=0.02, refresh_every=8)
+    torch.testing.assert_close(reuse.encode(still).tokens, encoder.encode(still).tokens, atol=1e-5, rtol=1e-5)
+    moving = sw.render(sw.scene_and_questions("val", 1)[0])[:9]
+    reuse = PatchReuseEncoder(encoder, threshold=0.01, refresh_every=4)
+    reused, full = reuse.encode(moving).tokens, encoder.encode(moving).tokens
+    torch.testing.assert_close(reused[[0, 4, 8]], full[[0, 4, 8]], atol=1e-4, rtol=1e-4)
+    assert float((reused - full).norm() / full.norm()) < 0.1 and reuse.stats.skipped_fraction > 0.1

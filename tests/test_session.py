@@ -327,9 +327,14 @@ def test_a_job_that_crashes_is_closed_with_an_internal_error_and_the_engine_serv
     assert isinstance(broken_events[0], ErrorEvent) and broken_events[0].code == "internal" and broken_events[0].fatal
 
 
-def test_a_stream_encodes_each_frame_with_the_frame_before_as_a_clip_would(model, video):
-    """vidsieve-tiny's tower reads each frame's change from the one before: pushed one at a
+def test_a_stream_encodes_each_frame_with_the_frame_before_as_a_clip_would(video):
+    """The recipe's tower reads each frame's change from the one before: pushed one at a
     time, frames must give the tokens they give inside the whole clip (not those of a still frame)."""
+    from vlm.model import VLM, VLMConfig
+
+    config = VLMConfig.from_name("vidsieve-tiny")
+    config.vision["motion_input"] = True  # the tower `vidsieve train tiny` builds
+    model = VLM.from_config(config)
     frames, timestamps_s, _ = video
     seen = []
     project = model.projector.forward

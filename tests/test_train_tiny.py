@@ -407,4 +407,4 @@ def test_a_tower_saved_before_motion_input_still_starts_qa_training(tmp_path):
     assert not model.encoder.motion_input and model.encoder.visual.conv1[0].in_channels == 3
     for name, value in old.encoder.state_dict().items():
         torch.testing.assert_close(model.encoder.state_dict()[name], value, rtol=0, atol=0)
-    assert new_model(0).encoder.visual.conv1[0].in_channels == 6  # the preset reads motion
+    assert new_model(0).encoder.visual.conv1[0].in_channels == 6  # the recipe's tower reads motion

@@ -102,11 +102,13 @@ def test_conv_stem_halves_once_per_layer_down_to_one_token_per_patch():
         ConvStem([8, 8], width=24, patch_size=16)
 
 
-def test_motion_input_tower_sees_each_frames_change_from_the_one_before(model):
+def test_motion_input_tower_sees_each_frames_change_from_the_one_before():
     from eval import shapesworld as sw
     from vlm.encoder import MOTION_GAIN
 
-    encoder = model.encoder
+    config = VLMConfig.from_name("vidsieve-tiny")
+    config.vision["motion_input"] = True  # as `vidsieve train tiny` builds it
+    encoder = VLM.from_config(config).encoder
     assert encoder.motion_input and encoder.visual.conv1[0].in_channels == 6
     frames = sw.render(sw.scene_and_questions("val", 1)[0])[:7]
     pixels = encoder.preprocess(frames)
@@ -132,6 +134,7 @@ def test_motion_input_tower_sees_each_frames_change_from_the_one_before(model):
 
 def test_motion_input_needs_a_conv_stem():
     config = VLMConfig.from_name("vidsieve-tiny")
+    config.vision["motion_input"] = True
     del config.vision["conv_stem"]
     with pytest.raises(ValueError, match="motion_input needs a conv_stem"):
         VLM.from_config(config)

@@ -80,7 +80,7 @@ PRESETS = {
     "vidsieve-tiny": {
         "name": "vidsieve-tiny",
         "vision": {"image_size": 128, "patch_size": 16, "width": 96, "layers": 3, "head_width": 32,
-                   "mlp_ratio": 2.0, "conv_stem": [16, 32, 48, 64], "motion_input": True},
+                   "mlp_ratio": 2.0, "conv_stem": [16, 32, 48, 64]},
         "lm": {"model_type": "qwen2", "vocab_size": 128, "hidden_size": 128, "intermediate_size": 384,
                "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
                "max_position_embeddings": 4096, "rope_theta": 1_000_000.0, "tie_word_embeddings": True},
