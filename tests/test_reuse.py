@@ -146,3 +146,5 @@ def test_patch_reuse_behind_a_motion_input_tower_matches_full_frames_and_a_still
     reused, full = reuse.encode(moving).tokens, encoder.encode(moving).tokens
     torch.testing.assert_close(reused[[0, 4, 8]], full[[0, 4, 8]], atol=1e-4, rtol=1e-4)
     assert float((reused - full).norm() / full.norm()) < 0.1 and reuse.stats.skipped_fraction > 0.1
+    resumed = PatchReuseEncoder(encoder, threshold=0.01, refresh_every=4)  # a stream's frame before is given
+    torch.testing.assert_close(resumed.encode(moving[4:6], previous=moving[3]).tokens[0], full[4], atol=1e-4, rtol=1e-4)

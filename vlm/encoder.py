@@ -118,11 +118,15 @@ class OpenClipEncoder(nn.Module):
         """uint8 [T, H, W, 3] frames of one clip -> the tower's input [T, C, S, S] on its
         device/dtype: normalised RGB (C = 3), and with `motion_input` each frame's change from the
         one before (C = 6). `previous` [H, W, 3]: the frame before frames[0], if any."""
-        pixels = self.resized(frames)
+        before = self.resized(previous[None]) if self.motion_input and previous is not None else None
+        return self.tower_input(self.resized(frames), before)
+
+    def tower_input(self, pixels: torch.Tensor, before: torch.Tensor | None = None) -> torch.Tensor:
+        """Resized frames [T, 3, S, S] in [0, 1] (and the resized frame before them, [1, 3, S, S])
+        -> the tower's input, as `preprocess`."""
         normalised = (pixels - self.mean) / self.std
         if self.motion_input:
-            before = self.resized(previous[None]) if previous is not None else pixels[:1]
-            change = pixels - torch.cat([before, pixels[:-1]])
+            change = pixels - torch.cat([pixels[:1] if before is None else before, pixels[:-1]])
             normalised = torch.cat([normalised, change * MOTION_GAIN], dim=1)
         return normalised.to(next(self.visual.parameters()).dtype)
 
@@ -189,8 +193,8 @@ class PatchReuseEncoder:
         self.reset()
 
     def reset(self) -> None:
-        self._previous_frame: np.ndarray | torch.Tensor | None = None  # uint8 [H, W, 3]
-        self._previous_pixels: torch.Tensor | None = None  # [1, 3, S, S] in [0, 1]
+        self._previous_pixels: torch.Tensor | None = None  # [1, 3, S, S] in [0, 1]: the last frame encoded
+        self._before_first: torch.Tensor | None = None  # the same for a stream's frame before the first
         self._previous_changed: torch.Tensor | None = None  # [G, G] bool: what changed last frame
         self._layer_inputs: list[torch.Tensor] = []  # per layer [1, 1 + N, width], plus the output
         self._since_refresh = 0
@@ -199,16 +203,17 @@ class PatchReuseEncoder:
     def encode(self, frames: np.ndarray | torch.Tensor, previous: np.ndarray | torch.Tensor | None = None
                ) -> EncodedFrames:
         """`previous` is read only by a fresh (or reset) encoder; after that it follows its own frames."""
-        if self._previous_frame is None and previous is not None:
-            self._previous_frame = previous
+        if self._previous_pixels is None and previous is not None:
+            self._before_first = self.encoder.resized(previous[None])
         tokens = [self._encode_one(frames[index:index + 1]) for index in range(len(frames))]
         return EncodedFrames(tokens=torch.cat(tokens), grid=self.encoder.grid)
 
     def _encode_one(self, frame: np.ndarray | torch.Tensor) -> torch.Tensor:
         """One frame uint8 [1, H, W, 3] -> patch tokens [1, H_grid, W_grid, width]."""
         visual = self.encoder.visual
-        pixels = self.encoder.preprocess(frame, self._previous_frame)  # [1, C, S, S]: the tower's input
         raw = self.encoder.resized(frame)  # [1, 3, S, S] in [0, 1], for the change test
+        before = self._before_first if self._previous_pixels is None else self._previous_pixels
+        pixels = self.encoder.tower_input(raw, before)  # [1, C, S, S]
         changed = self._changed_patches(raw)  # [N] bool, or None for a full frame
         embedded = visual._embeds(pixels)  # [1, 1 + N, width]
         num_patches = embedded.shape[1] - 1
@@ -238,7 +243,6 @@ class PatchReuseEncoder:
             self._layer_inputs = states
             self._since_refresh += 1
         self._previous_pixels = raw
-        self._previous_frame = frame[0]
         _, tokens = visual._pool(self._layer_inputs[-1])  # [1, N, width]
         return tokens.view(1, *self.encoder.grid, tokens.shape[-1])
 
