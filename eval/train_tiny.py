@@ -80,6 +80,7 @@ class TrainConfig:
     binding: bool = True  # supervise one attention head with the scene's object locations (BINDING_LAYER)
     look_weight: float = 0.0  # on the first-look / last-look heads; 0: off (runs F, G, I: docs/TRAINING.md)
     query_weight: float = 1.0  # on the naming head of QUERY_LAYER (the question's naming words); 0: off
+    readout_weight: float = 1.0  # on ObjectReadout (the object head's output names its object's facts); 0: off
     curriculum: tuple = CURRICULUM  # (steps, frames) before whole clips; counted in qa_steps
     seed: int = 0
     eval_every: int = 500  # QA steps between validation passes (and checkpoints)
@@ -284,9 +285,44 @@ class ClipPool:
     features: torch.Tensor  # [clips, T, G, G, width] float16, on the model's device
     questions: list[list[sw.Question]]
     owners: torch.Tensor  # [clips, T, Gm, Gm] uint8: which objects each merged token shows (bit i: object i)
+    facts: torch.Tensor | None = None  # [clips, MAX_OBJECTS, FACT_COUNT + T] int8: `object_facts` of each clip
 
     def __len__(self) -> int:
         return len(self.questions)
+
+
+# What the object head's output is taught to name about the object it found (ObjectReadout):
+# each a class index into the vocabulary beside it, -1 where it does not apply.
+FACTS = (("colour", sw.COLOURS), ("shape", sw.SHAPES), ("size", sw.SIZES),
+         ("dot", (None, *sw.COLOURS)), ("direction", sw.DIRECTIONS))
+FACT_COUNT = len(FACTS)
+MAX_OBJECTS = 8  # owners keep one bit per object in a uint8
+
+
+def object_facts(scene: sw.Scene) -> np.ndarray:
+    """[MAX_OBJECTS, FACT_COUNT + T] int8: per object, the index of its colour, shape, size,
+    dot colour (0: none) and direction, then its quadrant (index into QUADRANTS) in each frame,
+    -1 where it is absent. Rows past the scene's objects are -1."""
+    frames = scene.config.frame_count
+    facts = np.full((MAX_OBJECTS, FACT_COUNT + frames), -1, np.int8)
+    for obj in scene.objects:
+        facts[obj.object_id, :FACT_COUNT] = [values.index(getattr(obj, "dot_colour" if name == "dot" else name))
+                                             for name, values in FACTS]
+        for t in np.flatnonzero(scene.present[obj.object_id]):
+            facts[obj.object_id, FACT_COUNT + t] = sw.QUADRANTS.index(sw.quadrant_of(scene, obj.object_id, int(t)))
+    return facts
+
+
+def readout_targets(facts: torch.Tensor, question: sw.Question) -> torch.Tensor | None:
+    """[FACT_COUNT + 1] long: what ObjectReadout should name for a question about one object
+    (its facts, then its quadrant in the question's frame if it names one; -100: not taught),
+    from `object_facts` of its clip. None for a question about several objects."""
+    if len(question.object_ids) != 1:
+        return None
+    row = facts[question.object_ids[0]].long()
+    quadrant = row[FACT_COUNT + question.frame_index] if question.frame_index is not None else torch.tensor(-1)
+    targets = torch.cat([row[:FACT_COUNT], quadrant[None]])
+    return targets.masked_fill(targets < 0, -100)
 
 
 def render_clip(split: str, index: int, block_px: int) -> tuple[np.ndarray, list[sw.Question], np.ndarray]:
@@ -318,7 +354,14 @@ def encode_pool(model: VLM, split: str, first_index: int, clips: int, pool=None,
                 features = torch.empty((clips, *encoded.shape[1:]), dtype=torch.float16, device=encoded.device)
             features[done - len(pending):done] = encoded
             pending = []
-    return ClipPool(features, questions, torch.from_numpy(np.stack(owners)))
+    return ClipPool(features, questions, torch.from_numpy(np.stack(owners)), pool_facts(split, first_index, clips))
+
+
+def pool_facts(split: str, first_index: int, clips: int) -> torch.Tensor:
+    """[clips, MAX_OBJECTS, FACT_COUNT + T] int8: `object_facts` of each clip (scenes only, no
+    rendering: ~3 ms a clip)."""
+    return torch.from_numpy(np.stack([object_facts(sw.scene_and_questions(split, first_index + i)[0])
+                                      for i in range(clips)]))
 
 
 def encode_pool_cached(model: VLM, split: str, first_index: int, clips: int, pool=None,
@@ -336,7 +379,8 @@ def encode_pool_cached(model: VLM, split: str, first_index: int, clips: int, poo
     path = Path(cache) / f"pool-{split}-{clips}-{digest.hexdigest()[:16]}.pt"
     if path.exists():
         saved = torch.load(path, weights_only=False)
-        return ClipPool(saved["features"].to(model.device), saved["questions"], saved["owners"])
+        return ClipPool(saved["features"].to(model.device), saved["questions"], saved["owners"],
+                        pool_facts(split, first_index, clips))  # not kept: pools saved before facts existed load too
     encoded = encode_pool(model, split, first_index, clips, pool)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
@@ -372,7 +416,10 @@ def packed_from_pool(model: VLM, pool: ClipPool, index: int, spec: CompressorSpe
         masks, looks = [masks[i] for i in answerable], [looks[i] for i in answerable]
     eos = model.tokenizer.eos_token_id
     answers = [model.tokenizer(q.answer, add_special_tokens=False).input_ids + [eos] for q in questions]
-    return pack_clip(model, kept, tokens.span_length, [q.text for q in questions], answers, masks, looks)
+    clip = pack_clip(model, kept, tokens.span_length, [q.text for q in questions], answers, masks, looks)
+    if pool.facts is not None:
+        clip.readout_targets = [readout_targets(pool.facts[index], q) for q in questions]
+    return clip
 
 
 def pool_tokens(model: VLM, pool: ClipPool, index: int) -> VisualTokens:
@@ -419,9 +466,12 @@ def start_probe(args: argparse.Namespace) -> tuple[VLM, ClipPool, ClipPool, torc
     return (model, train, val, *qa_optimizer(model, args.lr))
 
 
-def qa_optimizer(model: VLM, lr: float, weight_decay: float = 0.01) -> tuple[torch.optim.Optimizer, list]:
-    """AdamW over what the QA stage trains (projector and LM), and that parameter list."""
+def qa_optimizer(model: VLM, lr: float, weight_decay: float = 0.01,
+                 extra: nn.Module | None = None) -> tuple[torch.optim.Optimizer, list]:
+    """AdamW over what the QA stage trains (projector and LM, and `extra`, a training-only
+    head such as ObjectReadout), and that parameter list."""
     params = list(model.projector.parameters()) + list(model.lm.parameters())
+    params += list(extra.parameters()) if extra is not None else []
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), params
 
 
@@ -433,7 +483,10 @@ def train_qa(model: VLM, config: TrainConfig, report: Callable[[str], None], poo
     train = encode_pool_cached(model, "train", QA_FIRST_CLIP, config.qa_pool_clips, pool, config.pool_cache)
     val = encode_pool_cached(model, "val", 0, config.eval_clips, pool, config.pool_cache)
     report(f"encoded in {time.monotonic() - started:.0f} s")
-    optimizer, params = qa_optimizer(model, config.qa_lr, config.weight_decay)
+    readout = None
+    if config.binding and config.readout_weight > 0:
+        readout = ObjectReadout(binding_attention(model).head_dim).to(config.device)
+    optimizer, params = qa_optimizer(model, config.qa_lr, config.weight_decay, readout)
     specs = [parse_spec(text) for text, _ in AUGMENTATIONS]
     weights = [weight for _, weight in AUGMENTATIONS]
     rng = random.Random(config.seed)
@@ -451,7 +504,8 @@ def train_qa(model: VLM, config: TrainConfig, report: Callable[[str], None], poo
         seen += sum(len(clip.first_answer_at) for clip in packed)
         parts: dict[str, float] = {}
         loss, accuracy = packed_answer_loss(model, packed, binding=config.binding, look_weight=config.look_weight,
-                                            query_weight=config.query_weight, parts=parts)
+                                            query_weight=config.query_weight, readout=readout,
+                                            readout_weight=config.readout_weight, parts=parts)
         optimizer_step(optimizer, params, loss, config.qa_lr, step / config.qa_steps)
         if step % 25 == 0:
             epoch = step * config.qa_clips_per_step / len(train)
@@ -520,6 +574,7 @@ class PackedClip:
     look_targets: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)  # (first, last)
     # per question: (start of its segment, [at + 1 - start] bool over its tokens up to the answer)
     naming_targets: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    readout_targets: list[torch.Tensor | None] = field(default_factory=list)  # per question: see `readout_targets`
 
 
 def pack_clip(model: VLM, kept: VisualTokens, span_length: int, questions: list[str],
@@ -620,7 +675,16 @@ def packed_logits(model: VLM, clips: list[PackedClip], capture: dict | None = No
 #   object head never got much of its mass onto the objects, this is the step that had not
 #   formed: with it, run E's recipe binds for every seed tried (docs/TRAINING.md, runs J).
 #
-# The heads' weights and everything below them learn; at inference nothing changes.
+# - ObjectReadout: finding the object is not reading it. A linear readout of the object
+#   head's output (its attention-weighted values) is taught to name the found object's colour,
+#   shape, size, dot, direction and, for a question that names a moment, its quadrant then.
+#   Run N's object head found the object of a position or motion question (mass 0.80 and
+#   0.97) but its values carried the quadrant and direction no better than chance-plus
+#   (`eval.probe_heads`: 41% and 34%), and the model answered at chance: the answer loss alone
+#   had not made the head's values carry what the tokens hold (docs/TRAINING.md, run O).
+#
+# The heads' weights and everything below them learn; at inference nothing changes (the
+# readout is a training-only head, not saved).
 
 BINDING_LAYER = 1
 BINDING_WEIGHT = 4.0  # the object head; the look heads' weight is TrainConfig.look_weight
@@ -632,16 +696,38 @@ def binding_attention(model: VLM) -> nn.Module:
     return model.lm.model.layers[BINDING_LAYER].self_attn
 
 
+class ObjectReadout(nn.Module):
+    """Linear heads from the object head's output to the facts of the object it found (FACTS,
+    then the quadrant): trained beside the answer loss, dropped afterwards."""
+
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.sizes = [len(values) for _, values in FACTS] + [len(sw.QUADRANTS)]
+        self.linear = nn.Linear(head_dim, sum(self.sizes))
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
+        """Mean over facts (each with at least one target) of the cross-entropy over the
+        questions; outputs [Q, head_dim], targets [Q, len(sizes)] (-100: not taught)."""
+        logits = self.linear(outputs).split(self.sizes, dim=-1)
+        terms = [F.cross_entropy(part, targets[:, i]) for i, part in enumerate(logits) if (targets[:, i] >= 0).any()]
+        return torch.stack(terms).mean() if terms else None
+
+
 def binding_loss(model: VLM, clips: list[PackedClip], capture: dict, looks: bool = True,
-                 query: bool = False) -> dict[str, torch.Tensor]:
-    """{"object": ..., "look": ..., "query": ...}: the mean over (question, supervised head)
-    pairs with targets of -log(attention mass of the head on the target tokens). The object
-    and look heads' softmax is taken over the clip's visual tokens, the naming head's over the
-    question's own tokens up to the answer. A kind without targets in the batch (or "look"
+                 query: bool = False, readout: ObjectReadout | None = None) -> dict[str, torch.Tensor]:
+    """{"object": ..., "look": ..., "query": ..., "readout": ...}: the mean over (question,
+    supervised head) pairs with targets of -log(attention mass of the head on the target
+    tokens). The object and look heads' softmax is taken over the clip's visual tokens, the
+    naming head's over the question's own tokens up to the answer. With `readout`, also its
+    loss on the object head's output (that softmax over the visual tokens times their values)
+    for the questions with `readout_targets`. A kind without targets in the batch (or "look"
     without `looks`, "query" without `query`) is left out."""
     attention = binding_attention(model)
     hidden, (cos, sin) = capture[BINDING_LAYER]  # [B, L, D], [B, L, hd] each
+    hd = attention.head_dim
+    kv = OBJECT_HEAD // (attention.config.num_attention_heads // attention.config.num_key_value_heads)
     losses: dict[str, list[torch.Tensor]] = {"object": [], "look": [], "query": []}
+    outputs, facts = [], []
     for row, clip in enumerate(clips):
         start, end = clip.visual_span
         if end == start:
@@ -650,12 +736,19 @@ def binding_loss(model: VLM, clips: list[PackedClip], capture: dict, looks: bool
         for kind, head, targets in (("object", OBJECT_HEAD, clip.binding_targets),
                                     ("look", FIRST_LOOK_HEAD, [first for first, _ in pairs]),
                                     ("look", LAST_LOOK_HEAD, [last for _, last in pairs])):
-            chosen = [(at, t) for at, t in zip(clip.first_answer_at, targets) if t is not None and t.any()]
+            chosen = [(q, at, t) for q, (at, t) in enumerate(zip(clip.first_answer_at, targets))
+                      if t is not None and t.any()]
             if chosen:
-                at = torch.tensor([a for a, _ in chosen], device=hidden.device)
+                at = torch.tensor([a for _, a, _ in chosen], device=hidden.device)
                 scores = head_scores(attention, head, hidden[row], cos[row], sin[row], at, slice(start, end))
-                on = torch.stack([t for _, t in chosen]).to(hidden.device)  # [Q, V]
+                on = torch.stack([t for _, _, t in chosen]).to(hidden.device)  # [Q, V]
                 losses[kind].append(scores.logsumexp(-1) - scores.masked_fill(~on, float("-inf")).logsumexp(-1))
+                if kind == "object" and readout is not None and clip.readout_targets:
+                    taught = [i for i, (q, _, _) in enumerate(chosen) if clip.readout_targets[q] is not None]
+                    if taught:
+                        values = attention.v_proj(hidden[row, start:end])[:, kv * hd:(kv + 1) * hd]
+                        outputs.append(scores[taught].softmax(-1) @ values)
+                        facts += [clip.readout_targets[chosen[i][0]] for i in taught]
     if query:
         naming = model.lm.model.layers[QUERY_LAYER].self_attn
         hidden, (cos, sin) = capture[QUERY_LAYER]
@@ -666,7 +759,12 @@ def binding_loss(model: VLM, clips: list[PackedClip], capture: dict, looks: bool
                                          torch.tensor([at], device=hidden.device), slice(start, at + 1))[0]
                     on = on.to(hidden.device)
                     losses["query"].append((scores.logsumexp(-1) - scores[on].logsumexp(-1))[None])
-    return {kind: torch.cat(parts).mean() for kind, parts in losses.items() if parts}
+    found = {kind: torch.cat(parts).mean() for kind, parts in losses.items() if parts}
+    if outputs:
+        named = readout.loss(torch.cat(outputs), torch.stack(facts).to(hidden.device))
+        if named is not None:
+            found["readout"] = named
+    return found
 
 
 def head_scores(attention: nn.Module, head: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -724,19 +822,23 @@ def look_masks(kept: VisualTokens, owners: torch.Tensor,
 
 
 def packed_answer_loss(model: VLM, clips: list[PackedClip], binding: bool = False, look_weight: float = 0.0,
-                       query_weight: float = 0.0, parts: dict | None = None) -> tuple[torch.Tensor, float]:
+                       query_weight: float = 0.0, readout: ObjectReadout | None = None, readout_weight: float = 0.0,
+                       parts: dict | None = None) -> tuple[torch.Tensor, float]:
     """Cross-entropy over every answer token of a batch of packed clips (same mean as
     `answer_loss`), plus, when `binding`, the object head's term (BINDING_WEIGHT) and, when
     `look_weight` / `query_weight` > 0, the look heads' / the naming head's term at that
-    weight. `parts`, if given, receives each term's value (nats, unweighted)."""
+    weight, and `readout`'s at `readout_weight`. `parts`, if given, receives each term's
+    value (nats, unweighted)."""
     capture = {} if binding else None
     logits, labels = packed_logits(model, clips, capture)
     loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
     if parts is not None:
         parts["answer"] = loss.item()
     if binding:
-        weights = {"object": BINDING_WEIGHT, "look": look_weight, "query": query_weight}
-        for kind, extra in binding_loss(model, clips, capture, looks=look_weight > 0, query=query_weight > 0).items():
+        weights = {"object": BINDING_WEIGHT, "look": look_weight, "query": query_weight, "readout": readout_weight}
+        terms = binding_loss(model, clips, capture, looks=look_weight > 0, query=query_weight > 0,
+                             readout=readout if readout_weight > 0 else None)
+        for kind, extra in terms.items():
             loss = loss + weights[kind] * extra
             if parts is not None:
                 parts[kind] = extra.item()

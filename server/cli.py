@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--query-weight", type=nonnegative_float,
                       help="supervise the naming head (layer 0, the question's words that name its objects) "
                            "at this weight (default: the recipe's, 1)")
+    tiny.add_argument("--readout-weight", type=nonnegative_float,
+                      help="teach a linear readout of the object head's output the facts of the object it "
+                           "found (colour, shape, size, dot, direction, quadrant) at this weight "
+                           "(default: the recipe's, 1; 0: off)")
     tiny.add_argument("--place-scale", type=nonnegative_float,
                       help="amplitude of the projector's row/column embeddings (default: the preset's, 0.25)")
     tiny.add_argument("--time-scale", type=nonnegative_float,
@@ -243,7 +247,7 @@ def train_config(args: argparse.Namespace):
 
     chosen = {name: getattr(args, name)
               for name in ("perception_steps", "qa_steps", "qa_pool_clips", "eval_every", "curriculum",
-                           "query_weight", "pool_cache", "place_scale", "time_scale")}
+                           "query_weight", "readout_weight", "pool_cache", "place_scale", "time_scale")}
     return TrainConfig(**{name: value for name, value in chosen.items() if value is not None},
                        device=args.device, workers=args.workers, seed=args.seed, look_weight=args.look_weight,
                        perception_from=args.perception_from)

@@ -238,6 +238,79 @@ def test_naming_head_adds_its_term_only_when_weighted():
     assert set(parts) == {"answer", "object", "query"} and abs(parts["query"] - float(query)) < 1e-5
 
 
+def test_readout_targets_are_the_scene_facts_of_the_question_object():
+    """Each question about one object is taught its object's colour, shape, size, dot and
+    direction as the scene has them, and its quadrant in the frame the question names."""
+    from eval.train_tiny import FACT_COUNT, FACTS, object_facts, readout_targets
+
+    checked = {"frame": 0, "no frame": 0, "several": 0}
+    for index in range(12):
+        scene, questions = sw.scene_and_questions("train", index)
+        facts = torch.from_numpy(object_facts(scene))
+        assert (facts[len(scene.objects):] == -1).all()
+        for question in questions:
+            targets = readout_targets(facts, question)
+            if len(question.object_ids) != 1:
+                assert targets is None
+                checked["several"] += 1
+                continue
+            obj = scene.objects[question.object_ids[0]]
+            named = [values[i] for (_, values), i in zip(FACTS, targets[:FACT_COUNT].tolist())]
+            assert named == [obj.colour, obj.shape, obj.size, obj.dot_colour, obj.direction]
+            if question.frame_index is None:
+                assert targets[FACT_COUNT] == -100
+                checked["no frame"] += 1
+            else:
+                quadrant = sw.QUADRANTS[int(targets[FACT_COUNT])]
+                assert quadrant == sw.quadrant_of(scene, obj.object_id, question.frame_index)
+                if question.type == "position":
+                    assert quadrant == question.answer
+                checked["frame"] += 1
+    assert min(checked.values()) >= 5
+
+
+def test_object_readout_reads_the_object_head_output_and_adds_only_when_weighted():
+    """The readout term is the cross-entropy of a linear readout of the object head's output
+    (its softmax over the visual tokens times their values), each fact averaged over the
+    questions that teach it, then over facts."""
+    from eval.train_tiny import (BINDING_LAYER, OBJECT_HEAD, ObjectReadout, binding_attention, binding_loss,
+                                 head_scores, packed_logits)
+
+    model = new_model(0)
+    tokens, texts, answers = sample_prompt(model, 3)
+    one = [torch.nn.functional.one_hot(torch.tensor(i), len(tokens)).bool() for i in (3, 5, 7)]
+    facts = [torch.tensor([1, 2, 0, 3, 4, 2]), None, torch.tensor([5, 2, 1, 0, 0, -100])]
+    readout = ObjectReadout(binding_attention(model).head_dim)
+    with torch.no_grad():
+        clip = pack_clip(model, tokens, tokens.span_length, texts, answers, one)
+        clip.readout_targets = facts
+        parts: dict = {}
+        plain, _ = packed_answer_loss(model, [clip], binding=True, readout=readout)
+        weighted, _ = packed_answer_loss(model, [clip], binding=True, readout=readout, readout_weight=0.5,
+                                         parts=parts)
+        capture = {}
+        packed_logits(model, [clip], capture)
+        assert "readout" not in binding_loss(model, [clip], capture)
+        term = binding_loss(model, [clip], capture, readout=readout)["readout"]
+        # by hand
+        attention = binding_attention(model)
+        hidden, (cos, sin) = capture[BINDING_LAYER]
+        start, end = clip.visual_span
+        hd = attention.head_dim
+        kv = OBJECT_HEAD // (attention.config.num_attention_heads // attention.config.num_key_value_heads)
+        values = attention.v_proj(hidden[0, start:end])[:, kv * hd:(kv + 1) * hd]
+        at = torch.tensor([clip.first_answer_at[0], clip.first_answer_at[2]])
+        outputs = head_scores(attention, OBJECT_HEAD, hidden[0], cos[0], sin[0], at, slice(start, end)).softmax(-1) @ values
+        logits = readout.linear(outputs).split(readout.sizes, dim=-1)
+        targets = torch.stack([facts[0], facts[2]])
+        expected = [torch.nn.functional.cross_entropy(part, targets[:, i]) for i, part in enumerate(logits[:5])]
+        expected.append(torch.nn.functional.cross_entropy(logits[5][:1], targets[:1, 5]))  # one quadrant taught
+    torch.testing.assert_close(term, torch.stack(expected).mean())
+    torch.testing.assert_close(plain, packed_answer_loss(model, [clip], binding=True)[0])
+    torch.testing.assert_close(weighted - plain, 0.5 * term)
+    assert abs(parts["readout"] - float(term)) < 1e-5
+
+
 def test_cached_pool_is_the_pool_encoded_again(tmp_path):
     from eval.train_tiny import encode_pool, encode_pool_cached
 
@@ -249,6 +322,7 @@ def test_cached_pool_is_the_pool_encoded_again(tmp_path):
     for pool in (first, again):
         torch.testing.assert_close(pool.features, fresh.features)
         assert torch.equal(pool.owners, fresh.owners) and pool.questions == fresh.questions
+        assert torch.equal(pool.facts, fresh.facts)
     with torch.no_grad():
         next(model.encoder.parameters()).add_(1.0)
     encode_pool_cached(model, "val", 5, 2, cache=tmp_path)  # another tower: its own file
@@ -363,9 +437,11 @@ def test_train_flags_become_the_config_a_checkpoint_records():
     parser = build_parser()
     assert train_config(parser.parse_args(["train", "tiny", "--out", "x"])) == TrainConfig()
     config = train_config(parser.parse_args(["train", "tiny", "--out", "x", "--query-weight", "0", "--place-scale",
-                                             "1", "--time-scale", "0.5", "--pool-cache", "runs/pools"]))
+                                             "1", "--time-scale", "0.5", "--pool-cache", "runs/pools",
+                                             "--readout-weight", "0"]))
     assert (config.query_weight, config.place_scale, config.time_scale, config.pool_cache) == (0.0, 1.0, 0.5,
                                                                                              "runs/pools")
+    assert config.readout_weight == 0.0 and TrainConfig().readout_weight > 0
     json.dumps(asdict(config))  # saved beside every checkpoint (model.config.notes)
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "tiny", "--out", "x", "--place-scale", "-1"])
