@@ -485,6 +485,7 @@ def train_qa(model: VLM, config: TrainConfig, report: Callable[[str], None], poo
     report(f"encoded in {time.monotonic() - started:.0f} s")
     readout = None
     if config.binding and config.readout_weight > 0:
+        torch.manual_seed(config.seed)  # the same init whether stage 1 ran here or --perception-from
         readout = ObjectReadout(binding_attention(model).head_dim).to(config.device)
     optimizer, params = qa_optimizer(model, config.qa_lr, config.weight_decay, readout)
     specs = [parse_spec(text) for text, _ in AUGMENTATIONS]
