@@ -81,6 +81,7 @@ class TrainConfig:
     look_weight: float = 0.0  # on the first-look / last-look heads; 0: off (runs F, G, I: docs/TRAINING.md)
     query_weight: float = 1.0  # on the naming head of QUERY_LAYER (the question's naming words); 0: off
     readout_weight: float = 1.0  # on ObjectReadout (the object head's output names its object's facts); 0: off
+    count_weight: float = 1.0  # on the count head (COUNT_HEAD: the sink and one token per counted object); 0: off
     curriculum: tuple = CURRICULUM  # (steps, frames) before whole clips; counted in qa_steps
     seed: int = 0
     eval_every: int = 500  # QA steps between validation passes (and checkpoints)
@@ -128,8 +129,9 @@ def new_model(seed: int, place_scale: float | None = None, time_scale: float | N
 
 class PerceptionHeads(nn.Module):
     """Per-patch heads on the tower's tokens: is an object here, and of a covered patch its
-    colour, shape, size, dot colour (class 0: no dot) and the quadrant of its centre; behind a
-    motion-input tower also its direction of motion and whether it appeared in this frame."""
+    colour, shape, size, dot colour (class 0: no dot), the quadrant of its centre and whether
+    it holds that centre; behind a motion-input tower also its direction of motion and whether
+    it appeared in this frame."""
 
     def __init__(self, width: int):
         super().__init__()
@@ -141,16 +143,18 @@ class PerceptionHeads(nn.Module):
         self.quadrant = nn.Linear(width, len(sw.QUADRANTS))
         self.motion = nn.Linear(width, len(sw.DIRECTIONS))
         self.appears = nn.Linear(width, 2)  # class 0: it was here the frame before; 1: new
+        self.centre = nn.Linear(width, 2)  # class 1: this patch holds its object's centre
 
 
 # Per-patch targets: label 0 means "nothing to learn here" (no object, or no frame before),
 # except for the dot, whose class 0 is "no dot" on a covered patch.
-PATCH_TARGETS = ("colour", "shape", "size", "dot", "quadrant", "motion", "appears")
+PATCH_TARGETS = ("colour", "shape", "size", "dot", "quadrant", "motion", "appears", "centre")
 MOTION_TARGETS = frozenset({"motion", "appears"})  # need the frame before: motion-input towers only
 
 
 DOT_CLASS_WEIGHTS = torch.tensor([1.0] + [5.0] * len(sw.COLOURS))
 APPEARS_CLASS_WEIGHTS = torch.tensor([1.0, 10.0])  # an object is new in about 1 of its 40 patch-frames
+CENTRE_CLASS_WEIGHTS = torch.tensor([1.0, 4.0])  # one of an object's ~4-9 covered patches holds its centre
 
 
 def patch_targets(scene: sw.Scene, object_ids: np.ndarray, patch_px: int) -> dict[str, np.ndarray]:
@@ -184,6 +188,15 @@ def patch_targets(scene: sw.Scene, object_ids: np.ndarray, patch_px: int) -> dic
     frame_of = np.arange(frames)[:, None, None]
     for name, table in (("quadrant", quadrants), ("motion", motion), ("appears", appears)):
         targets[name] = np.where(covered, table[owner, frame_of], 0)
+    # The patch that holds its covering object's centre: one per visible object and frame, so
+    # the tokens that hold one are what a count can count (COUNT_HEAD).
+    centre = np.where(covered, 1, 0)
+    for obj in scene.objects:
+        for t in np.flatnonzero(scene.present[obj.object_id]):
+            row, col = (int(v) // patch_px for v in scene.centres_px[obj.object_id, t][::-1])
+            if 0 <= row < grid and 0 <= col < grid and covered[t, row, col] and owner[t, row, col] == obj.object_id:
+                centre[t, row, col] = 2
+    targets["centre"] = centre
     dot = np.zeros((frames, grid, grid), np.int64)
     for obj in scene.objects:
         if obj.dot_colour is None:
@@ -214,7 +227,8 @@ def train_perception(model: VLM, config: TrainConfig, report: Callable[[str], No
     heads = PerceptionHeads(encoder.width).to(device)
     params = list(encoder.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.perception_lr, weight_decay=config.weight_decay)
-    class_weights = {"dot": DOT_CLASS_WEIGHTS.to(device), "appears": APPEARS_CLASS_WEIGHTS.to(device)}
+    class_weights = {"dot": DOT_CLASS_WEIGHTS.to(device), "appears": APPEARS_CLASS_WEIGHTS.to(device),
+                     "centre": CENTRE_CLASS_WEIGHTS.to(device)}
     names = [name for name in PATCH_TARGETS if encoder.motion_input or name not in MOTION_TARGETS]
     n = config.perception_clips_per_step
     batches = prefetch(pool, perception_batch, ((step * n, n, encoder.patch_size) for step in range(config.perception_steps)))
@@ -285,7 +299,7 @@ class ClipPool:
     features: torch.Tensor  # [clips, T, G, G, width] float16, on the model's device
     questions: list[list[sw.Question]]
     owners: torch.Tensor  # [clips, T, Gm, Gm] uint8: which objects each merged token shows (bit i: object i)
-    facts: torch.Tensor | None = None  # [clips, MAX_OBJECTS, FACT_COUNT + T] int8: `object_facts` of each clip
+    facts: torch.Tensor | None = None  # [clips, MAX_OBJECTS, FACT_COUNT + 2T] int8: `object_facts` of each clip
 
     def __len__(self) -> int:
         return len(self.questions)
@@ -299,17 +313,21 @@ FACT_COUNT = len(FACTS)
 MAX_OBJECTS = 8  # owners keep one bit per object in a uint8
 
 
-def object_facts(scene: sw.Scene) -> np.ndarray:
-    """[MAX_OBJECTS, FACT_COUNT + T] int8: per object, the index of its colour, shape, size,
+def object_facts(scene: sw.Scene, block_px: int) -> np.ndarray:
+    """[MAX_OBJECTS, FACT_COUNT + 2T] int8: per object, the index of its colour, shape, size,
     dot colour (0: none) and direction, then its quadrant (index into QUADRANTS) in each frame,
-    -1 where it is absent. Rows past the scene's objects are -1."""
+    then the block_px square (row * grid + column) that holds its centre in each frame; -1
+    where it is absent. Rows past the scene's objects are -1."""
     frames = scene.config.frame_count
-    facts = np.full((MAX_OBJECTS, FACT_COUNT + frames), -1, np.int8)
+    grid = scene.config.frame_size_px // block_px
+    facts = np.full((MAX_OBJECTS, FACT_COUNT + 2 * frames), -1, np.int8)
     for obj in scene.objects:
         facts[obj.object_id, :FACT_COUNT] = [values.index(getattr(obj, "dot_colour" if name == "dot" else name))
                                              for name, values in FACTS]
         for t in np.flatnonzero(scene.present[obj.object_id]):
             facts[obj.object_id, FACT_COUNT + t] = sw.QUADRANTS.index(sw.quadrant_of(scene, obj.object_id, int(t)))
+            x_px, y_px = np.clip(scene.centres_px[obj.object_id, t], 0, scene.config.frame_size_px - 1)
+            facts[obj.object_id, FACT_COUNT + frames + t] = int(y_px) // block_px * grid + int(x_px) // block_px
     return facts
 
 
@@ -323,6 +341,26 @@ def readout_targets(facts: torch.Tensor, question: sw.Question) -> torch.Tensor 
     quadrant = row[FACT_COUNT + question.frame_index] if question.frame_index is not None else torch.tensor(-1)
     targets = torch.cat([row[:FACT_COUNT], quadrant[None]])
     return targets.masked_fill(targets < 0, -100)
+
+
+def count_targets(facts: torch.Tensor, question: sw.Question, kept: VisualTokens) -> torch.Tensor | None:
+    """[len(kept)] float for a counting question: per kept token, how many counted objects have
+    their centre in it, in the frame the question names, else in the first frame they are
+    present (where the tower marks them new, or frame 0); it sums to the count. Two centres
+    can share a 32 px token. None for other questions, or when a compressor dropped one of
+    those tokens (the count head is then not taught)."""
+    if question.type != "counting":
+        return None
+    frames = (facts.shape[1] - FACT_COUNT) // 2
+    grid = kept.grid_thw[2]
+    cell = kept.frame_index.cpu() * 10_000 + kept.grid_rc[:, 0].cpu() * grid + kept.grid_rc[:, 1].cpu()
+    wanted = []
+    for object_id in question.object_ids:
+        quadrants = facts[object_id, FACT_COUNT:FACT_COUNT + frames]
+        frame = question.frame_index if question.frame_index is not None else int(torch.nonzero(quadrants >= 0)[0])
+        wanted.append(frame * 10_000 + int(facts[object_id, FACT_COUNT + frames + frame]))
+    weights = (cell[:, None] == torch.tensor(wanted, dtype=cell.dtype)[None]).sum(-1).float()
+    return weights if int(weights.sum()) == len(wanted) else None
 
 
 def render_clip(split: str, index: int, block_px: int) -> tuple[np.ndarray, list[sw.Question], np.ndarray]:
@@ -354,13 +392,14 @@ def encode_pool(model: VLM, split: str, first_index: int, clips: int, pool=None,
                 features = torch.empty((clips, *encoded.shape[1:]), dtype=torch.float16, device=encoded.device)
             features[done - len(pending):done] = encoded
             pending = []
-    return ClipPool(features, questions, torch.from_numpy(np.stack(owners)), pool_facts(split, first_index, clips))
+    return ClipPool(features, questions, torch.from_numpy(np.stack(owners)),
+                    pool_facts(split, first_index, clips, block_px))
 
 
-def pool_facts(split: str, first_index: int, clips: int) -> torch.Tensor:
-    """[clips, MAX_OBJECTS, FACT_COUNT + T] int8: `object_facts` of each clip (scenes only, no
+def pool_facts(split: str, first_index: int, clips: int, block_px: int) -> torch.Tensor:
+    """[clips, MAX_OBJECTS, FACT_COUNT + 2T] int8: `object_facts` of each clip (scenes only, no
     rendering: ~3 ms a clip)."""
-    return torch.from_numpy(np.stack([object_facts(sw.scene_and_questions(split, first_index + i)[0])
+    return torch.from_numpy(np.stack([object_facts(sw.scene_and_questions(split, first_index + i)[0], block_px)
                                       for i in range(clips)]))
 
 
@@ -380,7 +419,8 @@ def encode_pool_cached(model: VLM, split: str, first_index: int, clips: int, poo
     if path.exists():
         saved = torch.load(path, weights_only=False)
         return ClipPool(saved["features"].to(model.device), saved["questions"], saved["owners"],
-                        pool_facts(split, first_index, clips))  # not kept: pools saved before facts existed load too
+                        pool_facts(split, first_index, clips, model.encoder.patch_size * model.projector.merge))
+    # (facts are not kept in the file: pools saved before they existed load too)
     encoded = encode_pool(model, split, first_index, clips, pool)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
@@ -419,6 +459,7 @@ def packed_from_pool(model: VLM, pool: ClipPool, index: int, spec: CompressorSpe
     clip = pack_clip(model, kept, tokens.span_length, [q.text for q in questions], answers, masks, looks)
     if pool.facts is not None:
         clip.readout_targets = [readout_targets(pool.facts[index], q) for q in questions]
+        clip.count_targets = [count_targets(pool.facts[index], q, kept) for q in questions]
     return clip
 
 
@@ -506,7 +547,8 @@ def train_qa(model: VLM, config: TrainConfig, report: Callable[[str], None], poo
         parts: dict[str, float] = {}
         loss, accuracy = packed_answer_loss(model, packed, binding=config.binding, look_weight=config.look_weight,
                                             query_weight=config.query_weight, readout=readout,
-                                            readout_weight=config.readout_weight, parts=parts)
+                                            readout_weight=config.readout_weight, count_weight=config.count_weight,
+                                            parts=parts)
         optimizer_step(optimizer, params, loss, config.qa_lr, step / config.qa_steps)
         if step % 25 == 0:
             epoch = step * config.qa_clips_per_step / len(train)
@@ -576,6 +618,7 @@ class PackedClip:
     # per question: (start of its segment, [at + 1 - start] bool over its tokens up to the answer)
     naming_targets: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     readout_targets: list[torch.Tensor | None] = field(default_factory=list)  # per question: see `readout_targets`
+    count_targets: list[torch.Tensor | None] = field(default_factory=list)  # per question: see `count_targets`
 
 
 def pack_clip(model: VLM, kept: VisualTokens, span_length: int, questions: list[str],
@@ -684,12 +727,23 @@ def packed_logits(model: VLM, clips: list[PackedClip], capture: dict | None = No
 #   (`eval.probe_heads`: 41% and 34%), and the model answered at chance: the answer loss alone
 #   had not made the head's values carry what the tokens hold (docs/TRAINING.md, run O).
 #
+# - COUNT_HEAD: attention averages, so a head that finds every counted object cannot say
+#   how many it found (run O: counting 66% on the test split, off by one when wrong, every
+#   other type 87-98%). The transformer way to count is a sink: a head that puts equal
+#   weight on one fixed token and on one token per counted item hands the layers above
+#   sink/(n + 1) of the sink's value. So for counting questions this head is taught exactly
+#   that distribution (cross-entropy to it) over the last prompt token before the video (the
+#   sink) and, per counted object, the token that holds its centre (the tower's `centre`
+#   target) in the frame the question names, else in its first frame (a token holding two
+#   centres twice the weight); the readout also names the count from the head's output.
+#
 # The heads' weights and everything below them learn; at inference nothing changes (the
 # readout is a training-only head, not saved).
 
 BINDING_LAYER = 1
 BINDING_WEIGHT = 4.0  # the object head; the look heads' weight is TrainConfig.look_weight
 OBJECT_HEAD, FIRST_LOOK_HEAD, LAST_LOOK_HEAD = 0, 2, 3  # query heads; 2 and 3 share a KV head
+COUNT_HEAD = FIRST_LOOK_HEAD  # its own keys and values (not the object head's); so the look heads or it
 QUERY_LAYER, QUERY_HEAD = 0, 0  # the naming head; its weight is TrainConfig.query_weight
 
 
@@ -705,6 +759,7 @@ class ObjectReadout(nn.Module):
         super().__init__()
         self.sizes = [len(values) for _, values in FACTS] + [len(sw.QUADRANTS)]
         self.linear = nn.Linear(head_dim, sum(self.sizes))
+        self.count = nn.Linear(head_dim, len(sw.NUMBER_WORDS))  # from the count head's output
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
         """Mean over facts (each with at least one target) of the cross-entropy over the
@@ -715,20 +770,24 @@ class ObjectReadout(nn.Module):
 
 
 def binding_loss(model: VLM, clips: list[PackedClip], capture: dict, looks: bool = True,
-                 query: bool = False, readout: ObjectReadout | None = None) -> dict[str, torch.Tensor]:
+                 query: bool = False, readout: ObjectReadout | None = None,
+                 count: bool = False) -> dict[str, torch.Tensor]:
     """{"object": ..., "look": ..., "query": ..., "readout": ...}: the mean over (question,
     supervised head) pairs with targets of -log(attention mass of the head on the target
     tokens). The object and look heads' softmax is taken over the clip's visual tokens, the
     naming head's over the question's own tokens up to the answer. With `readout`, also its
     loss on the object head's output (that softmax over the visual tokens times their values)
-    for the questions with `readout_targets`. A kind without targets in the batch (or "look"
-    without `looks`, "query" without `query`) is left out."""
+    for the questions with `readout_targets`. With `count`, "count": the count head's
+    cross-entropy to the uniform distribution over the sink and `count_targets` (its softmax
+    over the sink and the visual tokens), and with `readout` too, "count_readout": the
+    readout's cross-entropy naming the count from that head's output. A kind without
+    targets in the batch (or "look" without `looks`, "query" without `query`) is left out."""
     attention = binding_attention(model)
     hidden, (cos, sin) = capture[BINDING_LAYER]  # [B, L, D], [B, L, hd] each
     hd = attention.head_dim
     kv = OBJECT_HEAD // (attention.config.num_attention_heads // attention.config.num_key_value_heads)
-    losses: dict[str, list[torch.Tensor]] = {"object": [], "look": [], "query": []}
-    outputs, facts = [], []
+    losses: dict[str, list[torch.Tensor]] = {"object": [], "look": [], "query": [], "count": []}
+    outputs, facts, count_outputs, counts = [], [], [], []
     for row, clip in enumerate(clips):
         start, end = clip.visual_span
         if end == start:
@@ -750,6 +809,24 @@ def binding_loss(model: VLM, clips: list[PackedClip], capture: dict, looks: bool
                         values = attention.v_proj(hidden[row, start:end])[:, kv * hd:(kv + 1) * hd]
                         outputs.append(scores[taught].softmax(-1) @ values)
                         facts += [clip.readout_targets[chosen[i][0]] for i in taught]
+    if count:
+        kv_count = COUNT_HEAD // (attention.config.num_attention_heads // attention.config.num_key_value_heads)
+        for row, clip in enumerate(clips):
+            start, end = clip.visual_span
+            chosen = [(at, t) for at, t in zip(clip.first_answer_at, clip.count_targets) if t is not None]
+            if not chosen or start == 0:
+                continue
+            at = torch.tensor([a for a, _ in chosen], device=hidden.device)
+            keys = slice(start - 1, end)  # the sink, then the visual tokens
+            scores = head_scores(attention, COUNT_HEAD, hidden[row], cos[row], sin[row], at, keys)
+            on = torch.stack([t for _, t in chosen]).to(hidden.device)  # [Q, V]: centres per token
+            target = torch.cat([torch.ones(len(on), 1, device=hidden.device), on], dim=1)
+            target = target / target.sum(-1, keepdim=True)
+            losses["count"].append(-(target * scores.log_softmax(-1)).sum(-1))
+            if readout is not None:
+                values = attention.v_proj(hidden[row, keys])[:, kv_count * hd:(kv_count + 1) * hd]
+                count_outputs.append(scores.softmax(-1) @ values)
+                counts.append(on.sum(-1).long())
     if query:
         naming = model.lm.model.layers[QUERY_LAYER].self_attn
         hidden, (cos, sin) = capture[QUERY_LAYER]
@@ -765,6 +842,8 @@ def binding_loss(model: VLM, clips: list[PackedClip], capture: dict, looks: bool
         named = readout.loss(torch.cat(outputs), torch.stack(facts).to(hidden.device))
         if named is not None:
             found["readout"] = named
+    if count_outputs:
+        found["count_readout"] = F.cross_entropy(readout.count(torch.cat(count_outputs)), torch.cat(counts))
     return found
 
 
@@ -824,21 +903,25 @@ def look_masks(kept: VisualTokens, owners: torch.Tensor,
 
 def packed_answer_loss(model: VLM, clips: list[PackedClip], binding: bool = False, look_weight: float = 0.0,
                        query_weight: float = 0.0, readout: ObjectReadout | None = None, readout_weight: float = 0.0,
-                       parts: dict | None = None) -> tuple[torch.Tensor, float]:
+                       count_weight: float = 0.0, parts: dict | None = None) -> tuple[torch.Tensor, float]:
     """Cross-entropy over every answer token of a batch of packed clips (same mean as
     `answer_loss`), plus, when `binding`, the object head's term (BINDING_WEIGHT) and, when
     `look_weight` / `query_weight` > 0, the look heads' / the naming head's term at that
-    weight, and `readout`'s at `readout_weight`. `parts`, if given, receives each term's
-    value (nats, unweighted)."""
+    weight, `readout`'s at `readout_weight` and the count head's at `count_weight` (its
+    readout at `readout_weight`). `parts`, if given, receives each term's value (nats,
+    unweighted)."""
+    if look_weight > 0 and count_weight > 0:
+        raise ValueError("the look heads and the count head are the same heads of BINDING_LAYER: weight one of them")
     capture = {} if binding else None
     logits, labels = packed_logits(model, clips, capture)
     loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
     if parts is not None:
         parts["answer"] = loss.item()
     if binding:
-        weights = {"object": BINDING_WEIGHT, "look": look_weight, "query": query_weight, "readout": readout_weight}
+        weights = {"object": BINDING_WEIGHT, "look": look_weight, "query": query_weight, "readout": readout_weight,
+                   "count": count_weight, "count_readout": readout_weight}
         terms = binding_loss(model, clips, capture, looks=look_weight > 0, query=query_weight > 0,
-                             readout=readout if readout_weight > 0 else None)
+                             readout=readout if readout_weight > 0 else None, count=count_weight > 0)
         for kind, extra in terms.items():
             loss = loss + weights[kind] * extra
             if parts is not None:

@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="teach a linear readout of the object head's output the facts of the object it "
                            "found (colour, shape, size, dot, direction, quadrant) at this weight "
                            "(default: the recipe's, 1; 0: off)")
+    tiny.add_argument("--count-weight", type=nonnegative_float,
+                      help="teach the count head (a sink and one token per counted object) at this weight "
+                           "(default: the recipe's, 1; 0: off)")
     tiny.add_argument("--place-scale", type=nonnegative_float,
                       help="amplitude of the projector's row/column embeddings (default: the preset's, 0.25)")
     tiny.add_argument("--time-scale", type=nonnegative_float,
@@ -247,7 +250,9 @@ def train_config(args: argparse.Namespace):
 
     chosen = {name: getattr(args, name)
               for name in ("perception_steps", "qa_steps", "qa_pool_clips", "eval_every", "curriculum",
-                           "query_weight", "readout_weight", "pool_cache", "place_scale", "time_scale")}
+                           "query_weight", "readout_weight", "count_weight", "pool_cache", "place_scale", "time_scale")}
+    if args.look_weight > 0 and chosen["count_weight"] is None:
+        chosen["count_weight"] = 0.0  # the look heads are the count head's heads (eval.train_tiny.COUNT_HEAD)
     return TrainConfig(**{name: value for name, value in chosen.items() if value is not None},
                        device=args.device, workers=args.workers, seed=args.seed, look_weight=args.look_weight,
                        perception_from=args.perception_from)
