@@ -69,6 +69,101 @@ def test_patch_targets_give_each_covered_patch_its_objects_quadrant_motion_and_n
     assert checked["moving"] > 20 and checked["new"] > 2
 
 
+def test_patch_targets_mark_the_one_patch_that_holds_each_visible_objects_centre():
+    checked = 0
+    for index in range(8):
+        scene, _ = sw.scene_and_questions("train", index)
+        _, object_ids = sw.render_with_labels(scene)
+        targets = patch_targets(scene, object_ids, 16)
+        centre = targets["centre"]
+        assert ((centre > 0) == (targets["colour"] > 0)).all()  # labelled on covered patches only
+        for t in range(scene.config.frame_count):
+            holders = []
+            for obj in scene.objects:
+                if not scene.present[obj.object_id, t]:
+                    continue
+                x_px, y_px = scene.centres_px[obj.object_id, t]
+                row, col = int(y_px) // 16, int(x_px) // 16
+                if 0 <= row < 8 and 0 <= col < 8 and (object_ids[t, row * 16:row * 16 + 16, col * 16:col * 16 + 16]
+                                                      == obj.object_id).sum() >= 16:
+                    holders.append((row, col))
+            for row, col in holders:
+                checked += centre[t, row, col] == 2
+            assert (centre[t] == 2).sum() <= len(holders)  # never a patch that holds no centre
+    assert checked > 50
+
+
+def test_count_targets_weigh_one_token_per_counted_object_and_sum_to_the_count():
+    from eval.train_tiny import count_targets, encode_pool, pool_tokens
+
+    model = new_model(0)
+    pool = encode_pool(model, "train", 0, 10)
+    checked, dropped = 0, 0
+    for index in range(len(pool)):
+        tokens = pool_tokens(model, pool, index)
+        for question in pool.questions[index]:
+            weights = count_targets(pool.facts[index], question, tokens)
+            if question.type != "counting":
+                assert weights is None
+                continue
+            assert weights is not None and int(weights.sum()) == sw.NUMBER_WORDS.index(question.answer)
+            # each weighted token shows a counted object (owners), in the named frame if any
+            shown = pool.owners[index][tokens.frame_index, tokens.grid_rc[:, 0], tokens.grid_rc[:, 1]].long()
+            bits = sum(1 << i for i in question.object_ids)
+            on = weights > 0
+            assert ((shown[on] & bits) != 0).all()
+            if question.frame_index is not None:
+                assert (tokens.frame_index[on] == question.frame_index).all()
+            checked += 1
+            if on.any():  # a compressor that drops one of them leaves the count head untaught
+                kept = tokens.select(~on)
+                assert count_targets(pool.facts[index], question, kept) is None
+                dropped += 1
+    assert checked >= 8 and dropped >= 5
+
+
+def test_count_head_is_taught_the_sink_and_one_token_per_object_and_the_readout_the_count():
+    from eval.train_tiny import (BINDING_LAYER, COUNT_HEAD, ObjectReadout, binding_attention, binding_loss,
+                                 head_scores, packed_logits)
+
+    model = new_model(0)
+    tokens, texts, answers = sample_prompt(model, 2)
+    counts = [torch.zeros(len(tokens)), torch.zeros(len(tokens))]
+    counts[0][[3, 9]] = 1.0
+    counts[0][12] = 2.0  # two centres in one token: four objects
+    readout = ObjectReadout(binding_attention(model).head_dim)
+    with torch.no_grad():
+        clip = pack_clip(model, tokens, tokens.span_length, texts, answers)
+        clip.count_targets = counts
+        parts: dict = {}
+        plain, _ = packed_answer_loss(model, [clip], binding=True)
+        weighted, _ = packed_answer_loss(model, [clip], binding=True, readout=readout, readout_weight=0.5,
+                                         count_weight=2.0, parts=parts)
+        capture = {}
+        packed_logits(model, [clip], capture)
+        assert "count" not in binding_loss(model, [clip], capture)
+        terms = binding_loss(model, [clip], capture, readout=readout, count=True)
+        # by hand: cross-entropy to (sink 1, token weights) / (1 + count) over [sink, visual tokens]
+        attention = binding_attention(model)
+        hidden, (cos, sin) = capture[BINDING_LAYER]
+        start, end = clip.visual_span
+        scores = head_scores(attention, COUNT_HEAD, hidden[0], cos[0], sin[0], torch.tensor(clip.first_answer_at),
+                             slice(start - 1, end))
+        target = torch.cat([torch.ones(2, 1), torch.stack(counts)], dim=1)
+        target = target / target.sum(-1, keepdim=True)
+        expected = -(target * scores.log_softmax(-1)).sum(-1).mean()
+        hd = attention.head_dim
+        kv = COUNT_HEAD // (attention.config.num_attention_heads // attention.config.num_key_value_heads)
+        values = attention.v_proj(hidden[0, start - 1:end])[:, kv * hd:(kv + 1) * hd]
+        named = torch.nn.functional.cross_entropy(readout.count(scores.softmax(-1) @ values), torch.tensor([4, 0]))
+    torch.testing.assert_close(terms["count"], expected)
+    torch.testing.assert_close(terms["count_readout"], named)
+    torch.testing.assert_close(weighted - plain, 2.0 * expected + 0.5 * named)
+    assert set(parts) == {"answer", "count", "count_readout"}  # no object targets given
+    with pytest.raises(ValueError, match="look heads"):
+        packed_answer_loss(model, [clip], binding=True, look_weight=1.0, count_weight=1.0)
+
+
 def test_binding_masks_point_at_the_tokens_that_show_the_question_objects():
     from eval.train_tiny import binding_masks, render_clip
 
@@ -246,7 +341,7 @@ def test_readout_targets_are_the_scene_facts_of_the_question_object():
     checked = {"frame": 0, "no frame": 0, "several": 0}
     for index in range(12):
         scene, questions = sw.scene_and_questions("train", index)
-        facts = torch.from_numpy(object_facts(scene))
+        facts = torch.from_numpy(object_facts(scene, 32))
         assert (facts[len(scene.objects):] == -1).all()
         for question in questions:
             targets = readout_targets(facts, question)
@@ -442,6 +537,8 @@ def test_train_flags_become_the_config_a_checkpoint_records():
     assert (config.query_weight, config.place_scale, config.time_scale, config.pool_cache) == (0.0, 1.0, 0.5,
                                                                                              "runs/pools")
     assert config.readout_weight == 0.0 and TrainConfig().readout_weight > 0
+    looks = train_config(parser.parse_args(["train", "tiny", "--out", "x", "--look-weight", "1"]))
+    assert looks.look_weight == 1.0 and looks.count_weight == 0.0  # the same heads: the look heads win
     json.dumps(asdict(config))  # saved beside every checkpoint (model.config.notes)
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "tiny", "--out", "x", "--place-scale", "-1"])
