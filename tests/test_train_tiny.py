@@ -35,7 +35,7 @@ def test_patch_targets_mark_the_dot_colour_where_the_dot_is():
     scene, _ = sw.scene_and_questions("train", 0)
     frames, object_ids = sw.render_with_labels(scene)
     targets = patch_targets(scene, object_ids, 16)
-    assert set(targets) == {"colour", "shape", "size", "dot", "quadrant", "motion", "appears"}
+    assert set(targets) == {"colour", "shape", "size", "dot", "quadrant", "motion", "appears", "centre"}
     t, row, col = map(int, np.argwhere(targets["dot"] > 0)[0])
     colour = sw.COLOURS[targets["dot"][t, row, col] - 1]
     patch = frames[t, 16 * row:16 * row + 16, 16 * col:16 * col + 16].reshape(-1, 3)
