@@ -723,8 +723,8 @@ def packed_logits(model: VLM, clips: list[PackedClip], capture: dict | None = No
 #   head's output (its attention-weighted values) is taught to name the found object's colour,
 #   shape, size, dot, direction and, for a question that names a moment, its quadrant then.
 #   Run N's object head found the object of a position or motion question (mass 0.80 and
-#   0.97) but its values carried the quadrant and direction no better than chance-plus
-#   (`eval.probe_heads`: 41% and 34%), and the model answered at chance: the answer loss alone
+#   0.97), but a linear probe read the quadrant and direction from its output only 41% and
+#   34% of the time (`eval.probe_heads`), and the model answered at chance: the answer loss alone
 #   had not made the head's values carry what the tokens hold (docs/TRAINING.md, run O).
 #
 # - COUNT_HEAD: attention averages, so a head that finds every counted object cannot say
@@ -753,7 +753,8 @@ def binding_attention(model: VLM) -> nn.Module:
 
 class ObjectReadout(nn.Module):
     """Linear heads from the object head's output to the facts of the object it found (FACTS,
-    then the quadrant): trained beside the answer loss, dropped afterwards."""
+    then the quadrant), and from the count head's output to the count: trained beside the
+    answer loss, dropped afterwards."""
 
     def __init__(self, head_dim: int):
         super().__init__()
