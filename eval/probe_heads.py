@@ -39,8 +39,6 @@ def head_outputs(model: VLM, pool: tt.ClipPool, clips: int, batch: int = 24) -> 
     """Per question type: the object head's output, its log-mass on the targets, the answer's
     first token id and whether the model's greedy first token was right."""
     attention = tt.binding_attention(model)
-    kv = tt.OBJECT_HEAD // (attention.config.num_attention_heads // attention.config.num_key_value_heads)
-    hd = attention.head_dim
     spec = parse_spec("none")
     found: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     with torch.no_grad():
@@ -52,7 +50,7 @@ def head_outputs(model: VLM, pool: tt.ClipPool, clips: int, batch: int = 24) -> 
             hidden, (cos, sin) = capture[tt.BINDING_LAYER]
             for row, (clip, index) in enumerate(zip(packed, indices)):
                 first, end = clip.visual_span
-                values = attention.v_proj(hidden[row, first:end])[:, kv * hd:(kv + 1) * hd]
+                values = tt.head_values(attention, tt.OBJECT_HEAD, hidden[row, first:end])
                 at = torch.tensor(clip.first_answer_at)
                 weights = tt.head_scores(attention, tt.OBJECT_HEAD, hidden[row], cos[row], sin[row], at,
                                          slice(first, end)).softmax(-1)  # [Q, V]

@@ -353,12 +353,13 @@ def count_targets(facts: torch.Tensor, question: sw.Question, kept: VisualTokens
         return None
     frames = (facts.shape[1] - FACT_COUNT) // 2
     grid = kept.grid_thw[2]
-    cell = kept.frame_index.cpu() * 10_000 + kept.grid_rc[:, 0].cpu() * grid + kept.grid_rc[:, 1].cpu()
+    per_frame = kept.grid_thw[1] * grid
+    cell = kept.frame_index.cpu() * per_frame + kept.grid_rc[:, 0].cpu() * grid + kept.grid_rc[:, 1].cpu()
     wanted = []
     for object_id in question.object_ids:
         quadrants = facts[object_id, FACT_COUNT:FACT_COUNT + frames]
         frame = question.frame_index if question.frame_index is not None else int(torch.nonzero(quadrants >= 0)[0])
-        wanted.append(frame * 10_000 + int(facts[object_id, FACT_COUNT + frames + frame]))
+        wanted.append(frame * per_frame + int(facts[object_id, FACT_COUNT + frames + frame]))
     weights = (cell[:, None] == torch.tensor(wanted, dtype=cell.dtype)[None]).sum(-1).float()
     return weights if int(weights.sum()) == len(wanted) else None
 
@@ -785,8 +786,6 @@ def binding_loss(model: VLM, clips: list[PackedClip], capture: dict, looks: bool
     targets in the batch (or "look" without `looks`, "query" without `query`) is left out."""
     attention = binding_attention(model)
     hidden, (cos, sin) = capture[BINDING_LAYER]  # [B, L, D], [B, L, hd] each
-    hd = attention.head_dim
-    kv = OBJECT_HEAD // (attention.config.num_attention_heads // attention.config.num_key_value_heads)
     losses: dict[str, list[torch.Tensor]] = {"object": [], "look": [], "query": [], "count": []}
     outputs, facts, count_outputs, counts = [], [], [], []
     for row, clip in enumerate(clips):
@@ -807,11 +806,10 @@ def binding_loss(model: VLM, clips: list[PackedClip], capture: dict, looks: bool
                 if kind == "object" and readout is not None and clip.readout_targets:
                     taught = [i for i, (q, _, _) in enumerate(chosen) if clip.readout_targets[q] is not None]
                     if taught:
-                        values = attention.v_proj(hidden[row, start:end])[:, kv * hd:(kv + 1) * hd]
+                        values = head_values(attention, OBJECT_HEAD, hidden[row, start:end])
                         outputs.append(scores[taught].softmax(-1) @ values)
                         facts += [clip.readout_targets[chosen[i][0]] for i in taught]
     if count:
-        kv_count = COUNT_HEAD // (attention.config.num_attention_heads // attention.config.num_key_value_heads)
         for row, clip in enumerate(clips):
             start, end = clip.visual_span
             chosen = [(at, t) for at, t in zip(clip.first_answer_at, clip.count_targets) if t is not None]
@@ -825,7 +823,7 @@ def binding_loss(model: VLM, clips: list[PackedClip], capture: dict, looks: bool
             target = target / target.sum(-1, keepdim=True)
             losses["count"].append(-(target * scores.log_softmax(-1)).sum(-1))
             if readout is not None:
-                values = attention.v_proj(hidden[row, keys])[:, kv_count * hd:(kv_count + 1) * hd]
+                values = head_values(attention, COUNT_HEAD, hidden[row, keys])
                 count_outputs.append(scores.softmax(-1) @ values)
                 counts.append(on.sum(-1).long())
     if query:
@@ -859,6 +857,14 @@ def head_scores(attention: nn.Module, head: int, hidden: torch.Tensor, cos: torc
     query = attention.q_proj(hidden[at])[:, head * hd:(head + 1) * hd]
     query = query * cos[at] + rotate_half(query) * sin[at]
     return (query @ key.T) * attention.scaling
+
+
+def head_values(attention: nn.Module, head: int, hidden: torch.Tensor) -> torch.Tensor:
+    """The values [K, head_dim] that query head `head` reads from positions `hidden` [K, D]
+    (the layer's normed input): its KV group's slice of v_proj."""
+    hd = attention.head_dim
+    kv = head // (attention.config.num_attention_heads // attention.config.num_key_value_heads)
+    return attention.v_proj(hidden)[:, kv * hd:(kv + 1) * hd]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
