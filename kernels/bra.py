@@ -14,19 +14,21 @@ region per video frame / text run). Attention then happens at two levels:
 
 Grouped-query attention: routing is per KV head. `Q_r` averages the queries of every query
 head that shares the KV head, so `A` is the group's mean affinity (scores are linear in q) and
-all heads of a group read the same K/V blocks (a kernel could load them once per group; ours
-loads them per query head and leans on the L2 cache).
+all heads of a group read the same K/V blocks (the Triton kernel loads each block once for
+several heads of a group).
 
 Queries are the LAST L_q of the L_k slots (bottom-right causal, as in `kernels.attention`):
 L_q == L_k is a prefill, L_q < L_k a chunk appended after a cache, L_q == 1 a decode step.
 Routing happens per query REGION, so a token's key set depends on the queries of the later
 tokens of its own region (BiFormer's block-level routing); it never reads a later key or value.
 
-Three implementations of the same function, all sharing `route_regions`:
+Three implementations of the same function:
 - `bra_reference`: a dense boolean mask and SDPA. The spec; computes every score.
 - `bra_gathered`: per query region, gathers the routed regions' K/V and attends to them only.
   Skips the work of unrouted regions; the CPU path (it copies K/V, the Triton kernel does not).
 - `kernels.bra_triton.bra_triton`: block-sparse flash attention reading K/V tiles by index.
+The first two route with `route_regions` (the routing spec); the Triton path routes with
+`kernels.bra_triton.route_regions_triton`, the same function computed in fewer passes.
 `bra_decode` is the one-query case: routing by `q . mean(K_block)`, keeping the newest block.
 """
 

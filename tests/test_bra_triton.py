@@ -17,16 +17,14 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
 from kernels import AttentionSpec, attention, use_backend  # noqa: E402
 from kernels.bra import RegionLayout, bra_reference, route_regions  # noqa: E402
-from kernels.bra_triton import _bra_forward_kernel, bra_triton, tile_lists  # noqa: E402
+from kernels.bra_triton import bra_triton, route_regions_triton, runs_interpreted, tile_lists  # noqa: E402
 from tests.test_bra import LAYOUTS, dense_causal, random_qkv, relative_error  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-if DEVICE == "cpu" and not isinstance(_bra_forward_kernel, InterpretedFunction):
+if DEVICE == "cpu" and not runs_interpreted():
     pytest.skip("kernels.bra_triton was imported before TRITON_INTERPRET was set", allow_module_level=True)
 
 
@@ -38,9 +36,12 @@ def layout_on_device(layout: RegionLayout) -> RegionLayout:
     return RegionLayout(layout.bounds, layout.region_of_slot.to(DEVICE))
 
 
-def test_triton_matches_reference_on_blocks_with_a_ragged_last_block_and_gqa():
+@pytest.mark.parametrize(("q_heads", "kv_heads"), [(4, 2), (2, 2), (4, 1)])  # 2, 1 and 4 query heads per program
+def test_triton_matches_reference_on_blocks_with_a_ragged_last_block_and_gqa(q_heads, kv_heads):
     # 83 slots in blocks of 16: the last block holds 3; head dim 24 is not a power of two.
-    query, key, value = on_device(*random_qkv(20, batch=2, query_len=83, key_len=83, head_dim=24))
+    query, key, value = on_device(
+        *random_qkv(20, batch=2, q_heads=q_heads, kv_heads=kv_heads, query_len=83, key_len=83, head_dim=24)
+    )
     layout = layout_on_device(RegionLayout.blocks(83, 16))
     forced = layout.first_regions(1)
     expected = bra_reference(query, key, value, scale=0.2, topk=2, layout=layout, forced_regions=forced)
@@ -96,6 +97,28 @@ def test_triton_with_topk_covering_every_region_equals_dense_causal_sdpa():
     layout = layout_on_device(RegionLayout.blocks(61, 16))
     out = bra_triton(query, key, value, scale=0.25, topk=4, layout=layout, tile=16)
     assert relative_error(out, dense_causal(query, key, value, 0.25)) <= 1e-4
+
+
+@pytest.mark.parametrize("query_len", [77, 33])  # a prefill; a chunk after a cache (regions without queries)
+def test_triton_routing_equals_the_reference_routing_on_frames_with_gqa_and_forced_regions(query_len):
+    query, key, _ = on_device(*random_qkv(29, batch=2, query_len=query_len, key_len=77))
+    layout = layout_on_device(LAYOUTS["frames_of_any_size"](77))
+    forced = layout.first_regions(1)
+    forced[3] = True
+    expected = route_regions(query, key, layout, topk=2, forced_regions=forced)
+    assert torch.equal(route_regions_triton(query, key, layout, topk=2, forced_regions=forced), expected)
+
+
+def test_triton_routing_breaks_exact_ties_towards_the_earlier_region_like_the_reference():
+    query, key, _ = random_qkv(30, query_len=72, key_len=72)
+    query[:, :, 64:] = 0.0  # the last region's mean query is 0: all its candidates score exactly 0
+    layout = RegionLayout.blocks(72, 8)
+    forced = layout.first_regions(1)
+    expected = route_regions(query, key, layout, topk=2, forced_regions=forced)
+    query, key = on_device(query, key)
+    routed = route_regions_triton(query, key, layout_on_device(layout), topk=2, forced_regions=forced.to(DEVICE))
+    assert torch.equal(routed.cpu(), expected)
+    assert routed[0, :, 8].nonzero()[:, 1].tolist() == [0, 1, 2, 8, 0, 1, 2, 8]  # sink, regions 1 and 2, own
 
 
 def test_tile_lists_hold_each_tiles_routed_blocks_in_order_and_nothing_later():
