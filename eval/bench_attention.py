@@ -11,8 +11,10 @@ query-key pairs that BRA computes.
 CPU: dense is SDPA's causal path; `gathered` is the PyTorch BRA that skips unrouted regions,
 at `--topk` and at 1/8 of the regions; `mask` is the spec (`bra_reference`), which computes every score and then masks, so it can
 only be slower than dense; it runs at the shortest length only (its mask grows as L^2).
-`--cuda` times `bra_triton` (top-k = 1/8 of the regions) against SDPA in bfloat16 and first
-checks it against `bra_gathered`. Written without a GPU at hand: untested on one so far.
+`--cuda` times `bra_triton` (top-k = 1/8 of the regions) against SDPA in bfloat16; `routing`
+is its routing step alone (`route_regions_triton`). It first checks Triton against
+`bra_gathered` in float32, then at each length the autotuned bfloat16 launch against Triton in
+float32 (one fixed launch config, the one checked), and prints the config autotuning chose.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ def bench_cpu(args: argparse.Namespace) -> None:
 
 
 def bench_cuda(args: argparse.Namespace) -> None:
-    from kernels.bra_triton import bra_triton  # needs triton and a GPU
+    from kernels.bra_triton import _bra_forward_kernel, bra_triton, route_regions_triton  # needs triton and a GPU
 
     heads, head_dim = args.heads or 32, args.head_dim or 128
     kv_heads = args.kv_heads or 8
@@ -100,6 +102,7 @@ def bench_cuda(args: argparse.Namespace) -> None:
 
     print("| tokens | method | top-k | read | median ms | dense / method |")
     print("|---:|---|---:|---:|---:|---:|")
+    notes = []
     for length in lengths:
         query, key, value = random_qkv(1, heads, kv_heads, length, head_dim, args.seed, "cuda", torch.bfloat16)
         layout = RegionLayout.blocks(length, args.block, "cuda")
@@ -111,17 +114,23 @@ def bench_cuda(args: argparse.Namespace) -> None:
                 "triton": lambda: bra_triton(
                     query, key, value, scale=head_dim**-0.5, topk=topk, layout=layout, forced_regions=forced
                 ),
-                "routing": lambda: route_regions(query, key, layout, topk=topk, forced_regions=forced),
+                "routing": lambda: route_regions_triton(query, key, layout, topk=topk, forced_regions=forced),
             },
             args.repeats,
             sync=torch.cuda.synchronize,
         )
+        launch = str(_bra_forward_kernel.best_config)  # chosen by autotuning during the warm-up
+        bra = dict(scale=head_dim**-0.5, topk=topk, layout=layout, forced_regions=forced)
+        expected = bra_triton(query.float(), key.float(), value.float(), **bra)
+        error = float((bra_triton(query, key, value, **bra).float() - expected).abs().max() / expected.abs().max())
         read = read_fraction(query, key, layout, topk, forced)
         dense_ms, triton_ms, routing_ms = (seconds[name] * 1e3 for name in ("dense", "triton", "routing"))
+        notes.append(f"# {length} tokens: launch {launch}; bfloat16 vs float32 relative error {error:.2e}")
         print(f"| {length} | dense SDPA | - | 1.000 | {dense_ms:.2f} | 1.00 |")
         print(f"| {length} | BRA Triton (of which routing {routing_ms:.2f} ms) | {topk} | {read:.3f} | "
               f"{triton_ms:.2f} | {dense_ms / triton_ms:.2f} |")
-        del query, key, value
+        del query, key, value, expected
+    print("\n".join(notes))
 
 
 def random_qkv(batch, heads, kv_heads, length, head_dim, seed, device, dtype):
