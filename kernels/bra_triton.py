@@ -336,32 +336,40 @@ def _bra_forward_kernel(
     v_base = v_ptr + batch * stride_vb + kv_head * stride_vh
     list_base = tile_index_ptr + routing_row * list_len
 
-    # Aligned: every listed tile but the last (the diagonal) lies wholly before the query
-    # tile and inside routed regions, so only the last needs a mask. Whole tiles go STEP at a
-    # time (one wider block of keys), after a single one when their count is odd.
     num_tiles = tl.load(tile_count_ptr + routing_row)
     if REGION_MASK:
-        num_unmasked = 0
-    else:
-        num_unmasked = num_tiles - 1
-    first_step = 0
-    if STEP > 1:
-        first_step = num_unmasked % STEP
-        for visit in range(0, first_step):
+        # Every tile masked. Not software-pipelined: the mask needs a tile's key slots after
+        # its dots, and Triton 3.6 lets the next tile's pipelined index load overwrite them
+        # first (wrong results on an H100).
+        for visit in tl.range(0, num_tiles, num_stages=1):
             acc, row_max, row_sum = _attend_tiles(
                 acc, row_max, row_sum, q, list_base, visit, k_base, v_base, stride_kn, stride_vn,
                 dims, dim_ok, query_slot, query_region, routed_base, key_region_ptr, num_regions, key_len, scale_log2,
-                TILE, 1, HEAD_DIM == BLOCK_D, False, REGION_MASK, DOT_PRECISION,
+                TILE, 1, HEAD_DIM == BLOCK_D, True, REGION_MASK, DOT_PRECISION,
             )
-    for visit in range(first_step, num_unmasked, STEP):
+    else:
+        # Aligned: every listed tile but the last (the diagonal) lies wholly before the query
+        # tile and inside routed regions, so those run unmasked, STEP at a time (one wider
+        # block of keys) after a single one when their count is odd; then the diagonal tile,
+        # causally masked, outside the pipelined loops (see above).
+        num_unmasked = num_tiles - 1
+        first_step = 0
+        if STEP > 1:
+            first_step = num_unmasked % STEP
+            for visit in range(0, first_step):
+                acc, row_max, row_sum = _attend_tiles(
+                    acc, row_max, row_sum, q, list_base, visit, k_base, v_base, stride_kn, stride_vn,
+                    dims, dim_ok, query_slot, query_region, routed_base, key_region_ptr, num_regions, key_len,
+                    scale_log2, TILE, 1, HEAD_DIM == BLOCK_D, False, REGION_MASK, DOT_PRECISION,
+                )
+        for visit in range(first_step, num_unmasked, STEP):
+            acc, row_max, row_sum = _attend_tiles(
+                acc, row_max, row_sum, q, list_base, visit, k_base, v_base, stride_kn, stride_vn,
+                dims, dim_ok, query_slot, query_region, routed_base, key_region_ptr, num_regions, key_len,
+                scale_log2, TILE, STEP, HEAD_DIM == BLOCK_D, False, REGION_MASK, DOT_PRECISION,
+            )
         acc, row_max, row_sum = _attend_tiles(
-            acc, row_max, row_sum, q, list_base, visit, k_base, v_base, stride_kn, stride_vn,
-            dims, dim_ok, query_slot, query_region, routed_base, key_region_ptr, num_regions, key_len, scale_log2,
-            TILE, STEP, HEAD_DIM == BLOCK_D, False, REGION_MASK, DOT_PRECISION,
-        )
-    for visit in range(num_unmasked, num_tiles):
-        acc, row_max, row_sum = _attend_tiles(
-            acc, row_max, row_sum, q, list_base, visit, k_base, v_base, stride_kn, stride_vn,
+            acc, row_max, row_sum, q, list_base, num_unmasked, k_base, v_base, stride_kn, stride_vn,
             dims, dim_ok, query_slot, query_region, routed_base, key_region_ptr, num_regions, key_len, scale_log2,
             TILE, 1, HEAD_DIM == BLOCK_D, True, REGION_MASK, DOT_PRECISION,
         )

@@ -19,7 +19,15 @@ pytest.importorskip("triton")
 
 from kernels import AttentionSpec, attention, use_backend  # noqa: E402
 from kernels.bra import RegionLayout, bra_reference, route_regions  # noqa: E402
-from kernels.bra_triton import bra_triton, route_regions_triton, runs_interpreted, tile_lists  # noqa: E402
+from kernels.bra import bra_gathered  # noqa: E402
+from kernels.bra_triton import (  # noqa: E402
+    _ATTENTION_CONFIGS,
+    _bra_forward_kernel,
+    bra_triton,
+    route_regions_triton,
+    runs_interpreted,
+    tile_lists,
+)
 from tests.test_bra import LAYOUTS, dense_causal, random_qkv, relative_error  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -150,3 +158,20 @@ def test_triton_matches_reference_at_a_few_hundred_tokens(block):
     expected = bra_reference(query, key, value, scale=0.125, topk=2, layout=layout, forced_regions=forced)
     out = bra_triton(query, key, value, scale=0.125, topk=2, layout=layout, forced_regions=forced, tile=32)
     assert relative_error(out, expected) <= 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="autotuned launches run on CUDA only (the interpreter takes one fixed config)")
+@pytest.mark.parametrize("config", _ATTENTION_CONFIGS, ids=str)
+def test_every_autotuned_launch_matches_the_gathered_path_at_4k_tokens_in_bfloat16(config, monkeypatch):
+    # 64-token tiles, head dim 128 and enough programs to autotune: the benchmark's case.
+    query, key, value = random_qkv(31, q_heads=16, kv_heads=4, query_len=4096, key_len=4096, head_dim=128)
+    layout = layout_on_device(RegionLayout.blocks(4096, 64))
+    bra = dict(scale=128**-0.5, topk=8, layout=layout, forced_regions=layout.first_regions(1))
+    query, key, value = (t.to(DEVICE, torch.bfloat16) for t in (query, key, value))
+    expected = bra_gathered(query.float(), key.float(), value.float(), **bra)
+    monkeypatch.setattr(_bra_forward_kernel, "configs", [config])
+    monkeypatch.setattr(_bra_forward_kernel, "cache", {})
+    out = bra_triton(query, key, value, **bra)
+    assert _bra_forward_kernel.best_config is config
+    assert relative_error(out.float(), expected) <= 2e-2
