@@ -1,9 +1,10 @@
 """ShapesWorld: a procedural, seeded video question-answering set.
 
 A clip shows 2-5 flat shapes on a dark background. Each object is a shape x colour x size,
-moves in a straight line (left, right, up, down) or stays still, may appear late or leave
-early, may pass under a bigger object (occlusion, by depth order), and may carry a fine
-detail: a 3-5 px dot of another colour at its centre, visible only at full resolution.
+moves in a straight line (left, right, up, down) or stays still, may appear late, leave
+early or live only 2-3 frames, may pass under a bigger object (occlusion, by depth order), and
+may carry a fine detail: a 3-5 px dot of another colour at its centre that flashes for 2-3
+frames, visible only at full resolution and only in that moment.
 
 Every question is computed from the scene state (`Scene`), never from pixels, and is
 answered by one word chosen from multiple-choice candidates. The set is built so that a model
@@ -13,10 +14,12 @@ keeping one token per frame (or per video) cannot solve it:
   that mixes all their colours and shapes loses which attribute belongs to which object;
 - candidates are drawn first from the other objects in the same scene, so knowing which
   colours or shapes are present is not enough: the answer must be bound to the named object;
-- `fine_detail` asks the colour of a 9-pixel dot on a 128 px frame, which 4x spatial pooling
-  averages away;
+- `fine_detail` asks the colour of a 25-pixel dot on a 128 px frame, which 4x spatial pooling
+  averages away and which shows in only 2-3 of 16 frames, so keeping one frame in four
+  misses it a third of the time;
 - `temporal_order` and `position` ask about one moment (which object appears first; where an
-  object is when it appears), and objects may live for only 3 of 16 frames, so dropping
+  object is when it appears), objects may live for only 2-3 of 16 frames, and half the
+  temporal questions (when the scene allows) are won by such a brief object, so dropping
   frames or averaging over time loses the answer;
 - `instruction` questions name one of several similar objects by a second property
   ("What colour is the big circle?" when there are two circles of different colours).
@@ -98,6 +101,14 @@ _OCCLUSION_PROBABILITY = 0.4
 _MAX_SCENE_DRAWS = 200
 # An object counts as seen in a frame when at least this share of its area is uncovered.
 _SEEN_FRACTION = 0.5
+# Bumped whenever the same seed may draw a different scene or question: caches of rendered or
+# encoded clips (eval.train_tiny.encode_pool_cached) key on it. 2: flashing dots, brief objects.
+GENERATOR_VERSION = 2
+# A dot flashes for 2-3 consecutive frames and a brief object lives 2-3 frames, so keeping one
+# frame in four (`uniform:every=4`) misses a third of them: the answer lives in one moment.
+DOT_FLASH_FRAMES = (2, 3)
+BRIEF_LIFE_FRAMES = (2, 3)
+_BRIEF_TEMPORAL_SHARE = 0.5
 
 
 # ---------------------------------------------------------------- config
@@ -164,6 +175,7 @@ class SceneObject:
     last_frame: int  # last frame it is present in, inclusive
     depth: int  # draw order: a higher depth is drawn later, on top
     dot_colour: str | None  # colour of the fine-detail dot at its centre, if it has one
+    dot_frames: tuple[int, int] | None = None  # (first, last) frames the dot flashes in, inclusive
 
 
 @dataclass(frozen=True, eq=False)
@@ -219,13 +231,15 @@ def _draw_objects(
         )
         has_dot = rng.random() < (0.75 if compositional and object_id == 0 else 0.5)
         dot_colour = _choose(rng, [c for c in COLOURS if c != colour]) if has_dot else None
-        objects.append(
-            SceneObject(object_id, shape, colour, size, radius_px, direction, first_frame, last_frame, 0, dot_colour)
-        )
+        dot_frames = _draw_dot_frames(rng, first_frame, last_frame) if has_dot else None
+        objects.append(SceneObject(
+            object_id, shape, colour, size, radius_px, direction, first_frame, last_frame, 0, dot_colour, dot_frames
+        ))
     if all(o.dot_colour is None for o in objects):
         lucky = 0 if compositional else int(rng.integers(count))
         dot_colour = _choose(rng, [c for c in COLOURS if c != objects[lucky].colour])
-        objects[lucky] = replace(objects[lucky], dot_colour=dot_colour)
+        dot_frames = _draw_dot_frames(rng, objects[lucky].first_frame, objects[lucky].last_frame)
+        objects[lucky] = replace(objects[lucky], dot_colour=dot_colour, dot_frames=dot_frames)
     # Big objects are drawn over small ones, so occlusion is a big object covering a small one.
     draw_order = sorted(range(count), key=lambda i: (objects[i].size == "big", rng.random()))
     for depth, object_id in enumerate(draw_order):
@@ -253,16 +267,25 @@ def _draw_looks(rng: np.random.Generator, count: int, compositional: bool) -> li
     return looks
 
 
+def _draw_dot_frames(rng: np.random.Generator, first_frame: int, last_frame: int) -> tuple[int, int]:
+    """(first, last) frames of the dot's flash: `DOT_FLASH_FRAMES` consecutive frames of the
+    object's life (all of it when it lives no longer), so the dot is a detail of one moment."""
+    length = min(int(rng.integers(DOT_FLASH_FRAMES[0], DOT_FLASH_FRAMES[1] + 1)), last_frame - first_frame + 1)
+    start = int(rng.integers(first_frame, last_frame - length + 2))
+    return start, start + length - 1
+
+
 def _draw_lifetime(rng: np.random.Generator, config: ShapesWorldConfig) -> tuple[int, int]:
-    """(first_frame, last_frame): present all along, appearing late, leaving early, or brief."""
+    """(first_frame, last_frame): present all along, appearing late, leaving early, or brief
+    (`BRIEF_LIFE_FRAMES`, somewhere after the first frame)."""
     last_index, shortest = config.frame_count - 1, config.min_visible_frames
     kind = rng.random()
-    if kind < 0.3:  # appears late
+    if kind < 0.25:  # appears late
         return int(rng.integers(1, config.frame_count - shortest + 1)), last_index
-    if kind < 0.45:  # leaves early
+    if kind < 0.4:  # leaves early
         return 0, int(rng.integers(shortest - 1, last_index))
-    if kind < 0.6:  # appears late and leaves early
-        length = int(rng.integers(shortest, shortest + 3))
+    if kind < 0.6:  # brief: appears late and leaves early
+        length = int(rng.integers(BRIEF_LIFE_FRAMES[0], BRIEF_LIFE_FRAMES[1] + 1))
         first_frame = int(rng.integers(1, config.frame_count - length))
         return first_frame, first_frame + length - 1
     return 0, last_index
@@ -337,10 +360,16 @@ def _measure_visibility(
     for obj in objects:
         if obj.dot_colour is None:
             continue
-        for t in np.flatnonzero(present[obj.object_id]):
+        for t in np.flatnonzero(present[obj.object_id] & _dot_shown(obj, len(present[obj.object_id]))):
             rows, cols = dot_box_px(scene, obj.object_id, int(t))
             dot_visible[obj.object_id, t] = bool((object_ids[t, rows, cols] == obj.object_id).all())
     return replace(scene, visible_fraction=visible_fraction, dot_visible=dot_visible)
+
+
+def _dot_shown(obj: SceneObject, frame_count: int) -> np.ndarray:
+    """[T] bool: frames in the object's dot flash."""
+    frames = np.arange(frame_count)
+    return (frames >= obj.dot_frames[0]) & (frames <= obj.dot_frames[1])
 
 
 def _every_object_is_seen(scene: Scene) -> bool:
@@ -353,7 +382,7 @@ def _every_object_is_seen(scene: Scene) -> bool:
 
 def _without_hidden_dots(scene: Scene) -> Scene:
     objects = tuple(
-        replace(o, dot_colour=None) if o.dot_colour and scene.dot_visible[o.object_id].sum() < 2 else o
+        replace(o, dot_colour=None, dot_frames=None) if o.dot_colour and scene.dot_visible[o.object_id].sum() < 2 else o
         for o in scene.objects
     )
     dot_visible = scene.dot_visible & np.array([o.dot_colour is not None for o in objects])[:, None]
@@ -403,7 +432,7 @@ def _rasterise(scene: Scene) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             area_px[obj.object_id, t] = mask.sum()
             object_ids[t, top:bottom, left:right][mask] = obj.object_id
             frames[t, top:bottom, left:right][mask] = COLOURS_RGB[obj.colour]
-            if obj.dot_colour is not None:
+            if obj.dot_colour is not None and obj.dot_frames[0] <= t <= obj.dot_frames[1]:
                 # Only where the object itself was just drawn, so a dot never grows the shape.
                 rows, cols = dot_box_px(scene, obj.object_id, int(t))
                 on_object = object_ids[t, rows, cols] == obj.object_id
@@ -621,6 +650,10 @@ def _ask_temporal_order(scene: Scene, rng: np.random.Generator) -> Question | No
                         options.append((wording, event_frame, naming, order))
     if not options:
         return None
+    # Half the time, when there is one, ask about a brief object: its answer lives in one moment.
+    brief = [option for option in options if _is_brief(option[3][0])]
+    if brief and rng.random() < _BRIEF_TEMPORAL_SHARE:
+        options = brief
     wording, event_frame, naming, order = options[int(rng.integers(len(options)))]
     listed = _shuffled(rng, order)
     phrases = [f"the {_name_text(_name_of(o, (naming,)))}" for o in listed]
@@ -633,6 +666,10 @@ def _ask_temporal_order(scene: Scene, rng: np.random.Generator) -> Question | No
         object_ids=tuple(o.object_id for o in order),
         frame_index=getattr(order[0], event_frame),
     )
+
+
+def _is_brief(obj: SceneObject) -> bool:
+    return obj.last_frame - obj.first_frame + 1 <= BRIEF_LIFE_FRAMES[1]
 
 
 def quadrant_of(scene: Scene, object_id: int, frame_index: int) -> str:
@@ -872,6 +909,15 @@ def write_split(
             )
     manifest_path = out_dir / "manifest.json"
     manifest_path.write_text(json.dumps(records, indent=1) + "\n")
+    return manifest_path
+
+
+def cached_split(split: str, count: int, root: str | Path) -> Path:
+    """The manifest of clips 0 .. count - 1 of `split` under `root`, written on first use. The
+    folder is named after the generator version, so a changed generator never serves old clips."""
+    manifest_path = Path(root) / f"{split}-{count}-v{GENERATOR_VERSION}" / "manifest.json"
+    if not manifest_path.exists():
+        write_split(split, count, manifest_path.parent)
     return manifest_path
 
 

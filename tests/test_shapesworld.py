@@ -14,6 +14,7 @@ import av
 import numpy as np
 import pytest
 
+from eval import shapesworld
 from eval.shapesworld import (
     COLOURS,
     COLOURS_RGB,
@@ -26,6 +27,7 @@ from eval.shapesworld import (
     SPLITS,
     Scene,
     ShapesWorldConfig,
+    cached_split,
     clip_seed,
     iter_samples,
     main,
@@ -321,6 +323,57 @@ def test_fine_detail_dot_is_lost_when_16px_cells_are_averaged():
     assert checked >= 20
 
 
+def test_dots_flash_for_two_or_three_frames_and_some_objects_live_only_two_or_three():
+    """Read from the pixels: a dot shows only inside its flash, which lasts 2-3 frames."""
+    lifetimes, flashes = [], 0
+    for scene, _ in clips("test", 40):
+        frames, object_ids = render_with_labels(scene)
+        for obj in scene.objects:
+            lifetimes.append(int(frames_shown(object_ids, obj.object_id).sum()))
+            if obj.dot_colour is None:
+                continue
+            first, last = obj.dot_frames
+            assert 2 <= last - first + 1 <= 3 and obj.first_frame <= first <= last <= obj.last_frame
+            for t in np.flatnonzero(scene.present[obj.object_id]):
+                x_px, y_px = scene.centres_px[obj.object_id, t]
+                row, col = int(y_px), int(x_px)
+                if object_ids[t, row, col] != obj.object_id:
+                    continue  # covered here
+                dot_shows = tuple(frames[t, row, col]) != COLOURS_RGB[obj.colour]
+                assert dot_shows == (first <= t <= last) == bool(scene.dot_visible[obj.object_id, t])
+            flashes += 1
+    assert flashes >= 40
+    assert 0.1 <= np.mean([2 <= life <= 3 for life in lifetimes]) <= 0.35
+
+
+def test_keeping_one_frame_in_four_loses_many_fine_detail_and_temporal_answers():
+    """What `uniform:every=4` keeps (frames 0, 4, 8, 12): for a third of the fine-detail questions
+    it shows no dot, and for a quarter of the temporal ones the winner is unseen or tied."""
+    kept = np.arange(16) % 4 == 0
+    lost = {"fine_detail": [], "temporal_order": []}
+    for scene, questions in clips("test", 100):
+        _, object_ids = render_with_labels(scene)
+        for question in questions:
+            if question.type == "fine_detail":
+                shown = scene.dot_visible[question.object_ids[0]] & kept
+                lost["fine_detail"].append(not shown.any())
+            elif question.type == "temporal_order":
+                events = []  # the frame of each option's event as kept frames show it, lowest wins
+                for object_id in question.object_ids:  # the winner first
+                    shown = np.flatnonzero(frames_shown(object_ids, object_id) & kept)
+                    if len(shown) == 0:
+                        events.append(None)
+                    elif question.text.startswith("Which disappears first"):
+                        events.append(shown[-1])
+                    else:
+                        events.append(-shown[0] if question.text.startswith("Which appears last") else shown[0])
+                seen_others = [e for e in events[1:] if e is not None]
+                lost["temporal_order"].append(events[0] is None or any(e <= events[0] for e in seen_others))
+    assert len(lost["fine_detail"]) >= 80 and len(lost["temporal_order"]) >= 60
+    assert np.mean(lost["fine_detail"]) >= 0.3
+    assert np.mean(lost["temporal_order"]) >= 0.25
+
+
 def test_written_mp4_decodes_to_every_frame_and_keeps_the_fine_detail_dot(tmp_path):
     manifest_path = write_split("test", 3, tmp_path, questions_per_clip=5)
     records = json.loads(manifest_path.read_text())
@@ -378,6 +431,15 @@ def test_command_line_writes_a_split(tmp_path, capsys):
     records = json.loads((tmp_path / "manifest.json").read_text())
     assert len(records) == 6 and {r["video"] for r in records} == {"val_000000.mp4", "val_000001.mp4"}
     assert "wrote 2 clips" in capsys.readouterr().out
+
+
+def test_cached_split_is_written_once_per_generator_version(tmp_path, monkeypatch):
+    first = cached_split("val", 2, tmp_path)
+    assert first.parent.name == f"val-2-v{shapesworld.GENERATOR_VERSION}" and len(json.loads(first.read_text())) > 2
+    written_ns = first.stat().st_mtime_ns
+    assert cached_split("val", 2, tmp_path) == first and first.stat().st_mtime_ns == written_ns
+    monkeypatch.setattr(shapesworld, "GENERATOR_VERSION", shapesworld.GENERATOR_VERSION + 1)
+    assert cached_split("val", 2, tmp_path) != first  # a new generator writes its own clips
 
 
 def test_bundled_samples_match_the_generator_and_answer_the_make_run_questions():
