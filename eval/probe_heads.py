@@ -44,7 +44,7 @@ def head_outputs(model: VLM, pool: tt.ClipPool, clips: int, batch: int = 24) -> 
     with torch.no_grad():
         for start in range(0, clips, batch):
             indices = range(start, min(start + batch, clips))
-            packed = [tt.packed_from_pool(model, pool, i, spec, seed=i) for i in indices]
+            packed = [tt.packed_from_pool(model, pool, i, spec, seed=i, every_question=True) for i in indices]
             capture: dict = {}
             logits, _ = tt.packed_logits(model, packed, capture)
             hidden, (cos, sin) = capture[tt.BINDING_LAYER]

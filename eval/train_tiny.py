@@ -152,7 +152,9 @@ PATCH_TARGETS = ("colour", "shape", "size", "dot", "quadrant", "motion", "appear
 MOTION_TARGETS = frozenset({"motion", "appears"})  # need the frame before: motion-input towers only
 
 
-DOT_CLASS_WEIGHTS = torch.tensor([1.0] + [5.0] * len(sw.COLOURS))
+# A dot flashes for 2-3 frames, so about 1.7% of covered patches show one: weight 20 gives them
+# the share of the dot loss that weight 5 gave when dots lasted the object's life (~7%).
+DOT_CLASS_WEIGHTS = torch.tensor([1.0] + [20.0] * len(sw.COLOURS))
 APPEARS_CLASS_WEIGHTS = torch.tensor([1.0, 10.0])  # an object is new in about 1 of its 40 patch-frames
 CENTRE_CLASS_WEIGHTS = torch.tensor([1.0, 4.0])  # one of an object's ~4-9 covered patches holds its centre
 
@@ -299,7 +301,7 @@ class ClipPool:
     features: torch.Tensor  # [clips, T, G, G, width] float16, on the model's device
     questions: list[list[sw.Question]]
     owners: torch.Tensor  # [clips, T, Gm, Gm] uint8: which objects each merged token shows (bit i: object i)
-    facts: torch.Tensor | None = None  # [clips, MAX_OBJECTS, FACT_COUNT + 2T] int8: `object_facts` of each clip
+    facts: torch.Tensor | None = None  # [clips, MAX_OBJECTS, FACT_COUNT + 3T] int8: `object_facts` of each clip
 
     def __len__(self) -> int:
         return len(self.questions)
@@ -310,17 +312,19 @@ class ClipPool:
 FACTS = (("colour", sw.COLOURS), ("shape", sw.SHAPES), ("size", sw.SIZES),
          ("dot", (None, *sw.COLOURS)), ("direction", sw.DIRECTIONS))
 FACT_COUNT = len(FACTS)
+DOT_FACT = [name for name, _ in FACTS].index("dot")
 MAX_OBJECTS = 8  # owners keep one bit per object in a uint8
 
 
 def object_facts(scene: sw.Scene, block_px: int) -> np.ndarray:
-    """[MAX_OBJECTS, FACT_COUNT + 2T] int8: per object, the index of its colour, shape, size,
+    """[MAX_OBJECTS, FACT_COUNT + 3T] int8: per object, the index of its colour, shape, size,
     dot colour (0: none) and direction, then its quadrant (index into QUADRANTS) in each frame,
-    then the block_px square (row * grid + column) that holds its centre in each frame; -1
-    where it is absent. Rows past the scene's objects are -1."""
+    then the block_px square (row * grid + column) that holds its centre in each frame (-1
+    where it is absent), then 1 in each frame where its whole dot shows (0 elsewhere). Rows
+    past the scene's objects are -1."""
     frames = scene.config.frame_count
     grid = scene.config.frame_size_px // block_px
-    facts = np.full((MAX_OBJECTS, FACT_COUNT + 2 * frames), -1, np.int8)
+    facts = np.full((MAX_OBJECTS, FACT_COUNT + 3 * frames), -1, np.int8)
     for obj in scene.objects:
         facts[obj.object_id, :FACT_COUNT] = [values.index(getattr(obj, "dot_colour" if name == "dot" else name))
                                              for name, values in FACTS]
@@ -328,18 +332,46 @@ def object_facts(scene: sw.Scene, block_px: int) -> np.ndarray:
             facts[obj.object_id, FACT_COUNT + t] = sw.QUADRANTS.index(sw.quadrant_of(scene, obj.object_id, int(t)))
             x_px, y_px = np.clip(scene.centres_px[obj.object_id, t], 0, scene.config.frame_size_px - 1)
             facts[obj.object_id, FACT_COUNT + frames + t] = int(y_px) // block_px * grid + int(x_px) // block_px
+        facts[obj.object_id, FACT_COUNT + 2 * frames:] = scene.dot_visible[obj.object_id]
     return facts
 
 
-def readout_targets(facts: torch.Tensor, question: sw.Question) -> torch.Tensor | None:
+def fact_frames(facts: torch.Tensor) -> int:
+    """T, the frames of the clip an `object_facts` array (or one row of it) describes."""
+    return (facts.shape[-1] - FACT_COUNT) // 3
+
+
+def kept_cells(kept: VisualTokens) -> torch.Tensor:
+    """[len(kept)] long: each kept token's frame * (squares per frame) + its square, the
+    numbering of `object_facts`' centre squares offset by frame."""
+    grid = kept.grid_thw[2]
+    return (kept.frame_index.cpu() * kept.grid_thw[1] * grid + kept.grid_rc[:, 0].cpu() * grid
+            + kept.grid_rc[:, 1].cpu())
+
+
+def dot_is_kept(facts: torch.Tensor, object_id: int, kept: VisualTokens) -> bool:
+    """Whether `kept` holds the token at the object's centre in a frame where its whole dot
+    shows. A dot flashes for 2-3 frames, so dropped frames or tokens often lose it."""
+    frames = fact_frames(facts)
+    shown = torch.nonzero(facts[object_id, FACT_COUNT + 2 * frames:] == 1)[:, 0]
+    per_frame = kept.grid_thw[1] * kept.grid_thw[2]
+    wanted = [int(t) * per_frame + int(facts[object_id, FACT_COUNT + frames + t]) for t in shown]
+    return bool(torch.isin(kept_cells(kept), torch.tensor(wanted, dtype=torch.long)).any())
+
+
+def readout_targets(facts: torch.Tensor, question: sw.Question, kept: VisualTokens) -> torch.Tensor | None:
     """[FACT_COUNT + 1] long: what ObjectReadout should name for a question about one object
     (its facts, then its quadrant in the question's frame if it names one; -100: not taught),
-    from `object_facts` of its clip. None for a question about several objects."""
+    from `object_facts` of its clip. A dot's colour is taught only where `kept` shows the dot.
+    None for a question about several objects."""
     if len(question.object_ids) != 1:
         return None
-    row = facts[question.object_ids[0]].long()
+    object_id = question.object_ids[0]
+    row = facts[object_id].long()
     quadrant = row[FACT_COUNT + question.frame_index] if question.frame_index is not None else torch.tensor(-1)
     targets = torch.cat([row[:FACT_COUNT], quadrant[None]])
+    if targets[DOT_FACT] > 0 and not dot_is_kept(facts, object_id, kept):
+        targets[DOT_FACT] = -100
     return targets.masked_fill(targets < 0, -100)
 
 
@@ -351,10 +383,9 @@ def count_targets(facts: torch.Tensor, question: sw.Question, kept: VisualTokens
     those tokens (the count head is then not taught)."""
     if question.type != "counting":
         return None
-    frames = (facts.shape[1] - FACT_COUNT) // 2
-    grid = kept.grid_thw[2]
-    per_frame = kept.grid_thw[1] * grid
-    cell = kept.frame_index.cpu() * per_frame + kept.grid_rc[:, 0].cpu() * grid + kept.grid_rc[:, 1].cpu()
+    frames = fact_frames(facts)
+    per_frame = kept.grid_thw[1] * kept.grid_thw[2]
+    cell = kept_cells(kept)
     wanted = []
     for object_id in question.object_ids:
         quadrants = facts[object_id, FACT_COUNT:FACT_COUNT + frames]
@@ -398,7 +429,7 @@ def encode_pool(model: VLM, split: str, first_index: int, clips: int, pool=None,
 
 
 def pool_facts(split: str, first_index: int, clips: int, block_px: int) -> torch.Tensor:
-    """[clips, MAX_OBJECTS, FACT_COUNT + 2T] int8: `object_facts` of each clip (scenes only, no
+    """[clips, MAX_OBJECTS, FACT_COUNT + 3T] int8: `object_facts` of each clip (scenes only, no
     rendering: ~3 ms a clip)."""
     return torch.from_numpy(np.stack([object_facts(sw.scene_and_questions(split, first_index + i)[0], block_px)
                                       for i in range(clips)]))
@@ -407,7 +438,8 @@ def pool_facts(split: str, first_index: int, clips: int, block_px: int) -> torch
 def encode_pool_cached(model: VLM, split: str, first_index: int, clips: int, pool=None,
                        cache: str | Path | None = None) -> ClipPool:
     """`encode_pool`, kept in folder `cache` (if given) under a name made of the tower's weights,
-    the projector's merge and the clips (split, first index, count): the next run on the same tower loads it instead of
+    the projector's merge, the clips (split, first index, count) and ShapesWorld's generator
+    version: the next run on the same tower loads it instead of
     rendering and encoding again (12,000 clips: ~5 minutes on 2 cores, ~2.4 GB on disk)."""
     if cache is None:
         return encode_pool(model, split, first_index, clips, pool)
@@ -415,7 +447,7 @@ def encode_pool_cached(model: VLM, split: str, first_index: int, clips: int, poo
     for name, value in sorted(model.encoder.state_dict().items()):
         digest.update(name.encode())
         digest.update(value.detach().cpu().float().numpy().tobytes())
-    digest.update(f"{split}/{first_index}/{clips}/{model.projector.merge}".encode())
+    digest.update(f"{split}/{first_index}/{clips}/{model.projector.merge}/{sw.GENERATOR_VERSION}".encode())
     path = Path(cache) / f"pool-{split}-{clips}-{digest.hexdigest()[:16]}.pt"
     if path.exists():
         saved = torch.load(path, weights_only=False)
@@ -431,12 +463,15 @@ def encode_pool_cached(model: VLM, split: str, first_index: int, clips: int, poo
 
 
 def packed_from_pool(model: VLM, pool: ClipPool, index: int, spec: CompressorSpec, seed: int,
-                     frames: int | None = None) -> PackedClip | None:
-    """Clip `index` of the pool through the projector and compressor `spec`, every question packed.
+                     frames: int | None = None, *, every_question: bool = False) -> PackedClip | None:
+    """Clip `index` of the pool through the projector and compressor `spec`, its questions packed.
 
     With `frames` (the QA curriculum, see CURRICULUM), only that many random frames of the clip
     are kept, uncompressed, and only the questions answerable from them: a frame-local type,
-    its frame among those kept, and its object visible in them. None when no question is left."""
+    its frame among those kept, and its object visible in them. Either way a fine-detail
+    question is asked only where the kept tokens show its dot (it flashes for 2-3 frames, so a
+    question without it would teach a guess), unless `every_question` (evaluation). None when
+    no question is left."""
     tokens = pool_tokens(model, pool, index)
     questions = pool.questions[index]
     cut = frames is not None and frames < tokens.num_frames
@@ -447,19 +482,21 @@ def packed_from_pool(model: VLM, pool: ClipPool, index: int, spec: CompressorSpe
         kept = spec.compressor.compress(tokens, CompressionContext(budget=spec.budget, seed=seed, model=model))
     masks = binding_masks(kept, pool.owners[index], questions)
     looks = look_masks(kept, pool.owners[index], questions)
-    if cut:
-        local = FRAME_LOCAL_TYPES | (MOTION_LOCAL_TYPES if model.encoder.motion_input else frozenset())
-        answerable = [i for i, (q, m) in enumerate(zip(questions, masks))
-                      if q.type in local and bool(m.any())]
-        if not answerable:
-            return None
-        questions = [questions[i] for i in answerable]
-        masks, looks = [masks[i] for i in answerable], [looks[i] for i in answerable]
+    local = FRAME_LOCAL_TYPES | (MOTION_LOCAL_TYPES if model.encoder.motion_input else frozenset())
+    facts = pool.facts[index] if pool.facts is not None else None
+    answerable = [i for i, (q, m) in enumerate(zip(questions, masks))
+                  if (not cut or (q.type in local and bool(m.any())))
+                  and (every_question or q.type != "fine_detail" or facts is None
+                       or dot_is_kept(facts, q.object_ids[0], kept))]
+    if not answerable:
+        return None
+    questions = [questions[i] for i in answerable]
+    masks, looks = [masks[i] for i in answerable], [looks[i] for i in answerable]
     eos = model.tokenizer.eos_token_id
     answers = [model.tokenizer(q.answer, add_special_tokens=False).input_ids + [eos] for q in questions]
     clip = pack_clip(model, kept, tokens.span_length, [q.text for q in questions], answers, masks, looks)
     if pool.facts is not None:
-        clip.readout_targets = [readout_targets(pool.facts[index], q) for q in questions]
+        clip.readout_targets = [readout_targets(pool.facts[index], q, kept) for q in questions]
         clip.count_targets = [count_targets(pool.facts[index], q, kept) for q in questions]
     return clip
 
@@ -586,7 +623,7 @@ def packed_eval(model: VLM, pool: ClipPool, spec: str = "none", batch: int = 24)
     hits: dict[str, list[int]] = {}
     for start in range(0, len(pool), batch):
         indices = range(start, min(start + batch, len(pool)))
-        packed = [packed_from_pool(model, pool, i, compressor, seed=i) for i in indices]
+        packed = [packed_from_pool(model, pool, i, compressor, seed=i, every_question=True) for i in indices]
         logits, _ = packed_logits(model, packed)
         for row, (clip, i) in enumerate(zip(packed, indices)):
             predicted = logits[row, clip.first_answer_at].argmax(-1).tolist()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from compressors import CompressionContext, parse_spec
+from compressors import CompressionContext, VisualTokens, parse_spec
 from eval import shapesworld as sw
 from eval.train_tiny import answer_loss, new_model, pack_clip, packed_answer_loss, patch_targets
 
@@ -335,16 +335,18 @@ def test_naming_head_adds_its_term_only_when_weighted():
 
 def test_readout_targets_are_the_scene_facts_of_the_question_object():
     """Each question about one object is taught its object's colour, shape, size, dot and
-    direction as the scene has them, and its quadrant in the frame the question names."""
-    from eval.train_tiny import FACT_COUNT, FACTS, object_facts, readout_targets
+    direction as the scene has them, and its quadrant in the frame the question names; the
+    dot's colour only while the kept tokens show the dot."""
+    from eval.train_tiny import DOT_FACT, FACT_COUNT, FACTS, object_facts, readout_targets
 
-    checked = {"frame": 0, "no frame": 0, "several": 0}
+    every_token = VisualTokens.from_grid(torch.zeros(16, 4, 4, 8), np.arange(16) / 8)  # 32 px tokens
+    checked = {"frame": 0, "no frame": 0, "several": 0, "dot hidden": 0}
     for index in range(12):
         scene, questions = sw.scene_and_questions("train", index)
         facts = torch.from_numpy(object_facts(scene, 32))
         assert (facts[len(scene.objects):] == -1).all()
         for question in questions:
-            targets = readout_targets(facts, question)
+            targets = readout_targets(facts, question, every_token)
             if len(question.object_ids) != 1:
                 assert targets is None
                 checked["several"] += 1
@@ -352,6 +354,11 @@ def test_readout_targets_are_the_scene_facts_of_the_question_object():
             obj = scene.objects[question.object_ids[0]]
             named = [values[i] for (_, values), i in zip(FACTS, targets[:FACT_COUNT].tolist())]
             assert named == [obj.colour, obj.shape, obj.size, obj.dot_colour, obj.direction]
+            if obj.dot_colour is not None:  # without the frames of its flash, the dot is not taught
+                flash = torch.from_numpy(scene.dot_visible[obj.object_id])[every_token.frame_index]
+                hidden = readout_targets(facts, question, every_token.select(~flash))
+                assert hidden[DOT_FACT] == -100 and torch.equal(hidden[:DOT_FACT], targets[:DOT_FACT])
+                checked["dot hidden"] += 1
             if question.frame_index is None:
                 assert targets[FACT_COUNT] == -100
                 checked["no frame"] += 1
@@ -422,6 +429,28 @@ def test_cached_pool_is_the_pool_encoded_again(tmp_path):
         next(model.encoder.parameters()).add_(1.0)
     encode_pool_cached(model, "val", 5, 2, cache=tmp_path)  # another tower: its own file
     assert len(list(tmp_path.glob("pool-val-2-*.pt"))) == 2
+
+
+def test_fine_detail_is_asked_only_where_the_kept_tokens_show_the_dot():
+    from eval.train_tiny import dot_is_kept, encode_pool, packed_from_pool, pool_tokens
+
+    model = new_model(0)
+    pool = encode_pool(model, "train", 0, 6)
+    uniform = parse_spec("uniform:every=4")
+    checked = {"kept": 0, "lost": 0}
+    for index in range(len(pool)):
+        tokens = pool_tokens(model, pool, index)
+        kept = uniform.compressor.compress(tokens, CompressionContext(budget=uniform.budget, seed=index, model=model))
+        clip = packed_from_pool(model, pool, index, uniform, seed=index)
+        every = packed_from_pool(model, pool, index, uniform, seed=index, every_question=True)
+        assert len(every.first_answer_at) == len(pool.questions[index])
+        fine = [q for q in pool.questions[index] if q.type == "fine_detail"]
+        for question in fine:
+            assert dot_is_kept(pool.facts[index], question.object_ids[0], tokens)  # all tokens show every dot
+            checked["kept" if dot_is_kept(pool.facts[index], question.object_ids[0], kept) else "lost"] += 1
+        lost = sum(not dot_is_kept(pool.facts[index], q.object_ids[0], kept) for q in fine)
+        assert (0 if clip is None else len(clip.first_answer_at)) == len(pool.questions[index]) - lost
+    assert min(checked.values()) >= 1
 
 
 def test_curriculum_keeps_the_chosen_frames_and_only_questions_they_answer():
