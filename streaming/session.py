@@ -458,6 +458,8 @@ class Session:
         self.state = model.runner.new_state(capacity=capacity)
         model.runner.forward(model.runner.embed(prefix), torch.arange(len(prefix)), self.state)
         self._next_position = len(prefix)
+        self._video_start = len(prefix)
+        self._frame_positions = 0  # positions each frame takes (its tokens' span, and its carrier)
 
     def _apply_cancellations(self) -> bool:
         with self._lock:
@@ -521,7 +523,8 @@ class Session:
             if not bool(keep.all()):
                 state.evict(keep)
         # the frame's full span (and its carrier) stays reserved, pruned or not
-        self._next_position = start + tokens.span_length + (self._carriers is not None)
+        self._frame_positions = tokens.span_length + (self._carriers is not None)
+        self._next_position = start + self._frame_positions
         state.next_position = self._next_position
 
     def _keep_mask(self, newest_frame: int) -> torch.Tensor:
@@ -549,13 +552,19 @@ class Session:
                 self._answer = None
 
     def _begin_answer(self, question: Question) -> bool:
-        video = PrefilledVideo(self.state, self.state.length, self._next_position, self.visual_tokens_seen,
+        video = PrefilledVideo(self.state, self.state.length, self._question_position(), self.visual_tokens_seen,
                                int(self.state.is_visual.sum()))
         tokens = self.model.stream_reused(video, question.text, question.sampling)
         with self._lock:
             self._answer = AnswerStream(question, tokens, self.model, self.emit,
                                         lambda: self._memory_snapshot(video.video_slots))
         return self._answer.step()
+
+    def _question_position(self) -> int:
+        """Where a question asked now starts: after the frames so far, and no earlier than after
+        the model's trained clip length (`VLM.text_position`), so a question a few frames into a
+        stream sits where the model learnt to find it."""
+        return self.model.text_position(self._video_start, self._next_position, self._frame_positions)
 
     def _memory_snapshot(self, video_slots: int | None = None) -> MemorySnapshot:
         state = self.state

@@ -29,7 +29,7 @@ def test_only_one_carrier_per_frame_stays_with_its_true_position(model, tokens):
     assert visual_positions == [prefix + t * (per_frame + 1) + per_frame for t in range(6)]
     assert state.frame_index[state.is_visual].tolist() == list(range(6))
     question_start = int(state.positions[~state.is_visual][1, 0])
-    assert question_start == prefix + 6 * (per_frame + 1)
+    assert question_start == prefix + model.config.num_frames * (per_frame + 1)  # 6 frames: the trained length
     assert torch.isfinite(logits).all()
 
 

@@ -46,7 +46,7 @@ def test_pipeline_counts_visual_tokens_before_and_after_compression(model, clip)
     assert set(full.timings_s) == {"encode", "compress", "prefill", "generate"}
 
 
-def test_pruned_tokens_keep_their_original_positions_and_text_continues_after_the_full_span(model, clip):
+def test_pruned_tokens_keep_their_original_positions_and_text_continues_after_the_trained_span(model, clip):
     from compressors import parse_spec
 
     tokens = model.encode_frames(*clip)
@@ -58,7 +58,16 @@ def test_pruned_tokens_keep_their_original_positions_and_text_continues_after_th
     assert visual_positions[:16].tolist() == list(range(prefix, prefix + 16))
     assert visual_positions[16:].tolist() == list(range(prefix + 32, prefix + 48))
     text_after = prompt.positions[~prompt.is_visual][prefix:]
-    assert int(text_after[0]) == prefix + tokens.span_length
+    # a clip shorter than the model's trained length: the text sits after num_frames frames
+    assert tokens.span_length < model.config.num_frames * 16
+    assert int(text_after[0]) == prefix + model.config.num_frames * 16
+
+
+def test_text_follows_a_long_video_and_a_short_one_is_laid_out_to_the_trained_length(model):
+    frames = model.config.num_frames
+    assert model.text_position(1, 1 + 3 * 16, 16) == 1 + frames * 16  # 3 frames: as if the rest were dropped
+    assert model.text_position(1, 1 + (frames + 5) * 16, 16) == 1 + (frames + 5) * 16  # longer: right after it
+    assert model.text_position(1, 1 + 3 * 17, 17) == 1 + frames * 17  # a carrier per frame counts too
 
 
 @pytest.mark.parametrize("name, message", [
