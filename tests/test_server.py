@@ -492,27 +492,88 @@ def test_http_media_urls_only_when_enabled_and_within_the_size_limit(server, vid
 
 # --- the trained model --------------------------------------------------------------------------
 
+needs_trained_weights = pytest.mark.skipif(
+    not TRAINED_WEIGHTS.exists(),
+    reason="the trained vidsieve-tiny is not shipped (vlm/weights/vidsieve-tiny/model.safetensors)")
+
+
+@pytest.fixture(scope="module")
+def trained():
+    with running_server(server_settings("vidsieve-tiny")) as running:
+        yield running
+
+
+def early_attribute_questions(count: int, frames_before: int = 8) -> list[tuple[int, sw.Question]]:
+    """The first `count` (test clip, question) pairs asking the colour or shape of an object on
+    screen from frame 0 to frame `frames_before` - 1: answerable mid-stream."""
+    found = []
+    for index in range(100):
+        scene, questions = sw.scene_and_questions("test", index)
+        for question in questions:
+            obj = scene.objects[question.object_ids[0]] if question.object_ids else None
+            if question.type == "attribute" and obj.first_frame == 0 and obj.last_frame >= frames_before - 1:
+                found.append((index, question))
+                break
+        if len(found) == count:
+            return found
+    raise AssertionError("too few early attribute questions in 100 test clips")
+
+
+async def stream_and_ask(server, frames, asks: dict[int, str]) -> dict[int, tuple[list[str], dict]]:
+    """Push `frames` one by one (8 fps timestamps, the full-token window the model was trained on)
+    and ask `asks[i]` right after frame i; the deltas and done event of each answer."""
+    answers = {}
+    async with await connect(server) as ws:
+        await start_session(ws, fps=None, memory={"carriers": 0, "window_frames": len(frames)})
+        for index, frame in enumerate(frames):
+            await ws.send(frame_message(frame, index / 8.0))
+            if index in asks:
+                await send_json(ws, type="question", id=f"q{index}", text=asks[index], max_new_tokens=8)
+                answers[index] = await answer(ws, f"q{index}")
+    return answers
+
 
 @pytest.mark.slow
-@pytest.mark.skipif(not TRAINED_WEIGHTS.exists(),
-                    reason="the trained vidsieve-tiny is not shipped yet (vlm/weights/vidsieve-tiny/model.safetensors); "
-                           "answers are checked against the offline pipeline above, against ground truth once it lands")
-def test_the_trained_model_streams_the_right_answers_to_the_bundled_sample_questions():
-    """The two questions `make run` asks of each bundled clip, streamed frame by frame with the
-    full-token window the model was trained on (so the answer is `VLM.answer`'s): at most one
-    of the six may be wrong."""
-    manifest = json.loads((Path(sw.__file__).parent / "samples" / "manifest.json").read_text())
-    with running_server(server_settings("vidsieve-tiny")) as trained:
-        async def ask(item):
-            scene, _ = sw.scene_and_questions("samples", item["index"])
-            frames = sw.render(scene)
-            async with await connect(trained) as ws:
-                await start_session(ws, fps=None, memory={"carriers": 0, "window_frames": len(frames)})
-                for index, frame in enumerate(frames):
-                    await ws.send(frame_message(frame, index / 8.0))
-                await send_json(ws, type="question", text=item["question"], max_new_tokens=8)
-                return (await answer(ws, "q1"))[1]["text"]
+@needs_trained_weights
+def test_the_trained_model_answers_a_test_clip_right_mid_stream_and_after_the_last_frame(trained):
+    for index, question in early_attribute_questions(3):
+        frames, _, _ = clip("test", index)
+        answers = asyncio.run(stream_and_ask(trained, frames, {7: question.text, len(frames) - 1: question.text}))
+        for deltas, done in answers.values():
+            assert deltas and "".join(deltas) == done["text"]
+            assert done["text"].strip().lower() == question.answer, (index, question.text, done["text"])
+        assert answers[7][1]["usage"]["frames_seen"] == 8
+    trained.wait_released()
 
-        asked = [item for item in manifest if item["id"].endswith(("_0", "_1"))]
-        wrong = [(item["id"], reply) for item in asked if (reply := asyncio.run(ask(item)).strip().lower()) != item["answer"]]
-        assert len(asked) == 6 and len(wrong) <= 1, wrong
+
+@pytest.mark.slow
+@needs_trained_weights
+def test_the_openai_client_gets_the_right_answer_about_a_video_data_url_from_the_trained_model(trained, tmp_path):
+    client = openai_client(trained)
+    for index, question in early_attribute_questions(3):
+        path = tmp_path / f"test_{index}.mp4"
+        sw.write_mp4(clip("test", index)[0], path, fps=8)
+        messages = [{"role": "user", "content": [
+            {"type": "text", "text": question.text},
+            {"type": "video_url", "video_url": {"url": data_url(path.read_bytes(), "video/mp4")}}]}]
+        plain = client.chat.completions.create(model="vidsieve-tiny", messages=messages, max_tokens=8)
+        chunks = client.chat.completions.create(model="vidsieve-tiny", messages=messages, max_tokens=8, stream=True)
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert plain.choices[0].message.content.strip().lower() == streamed.strip().lower() == question.answer
+    trained.wait_released()
+
+
+@pytest.mark.slow
+@needs_trained_weights
+def test_the_trained_model_streams_the_right_answers_to_the_bundled_sample_questions(trained):
+    """The two questions `make run` asks of each bundled clip, streamed frame by frame (so the
+    answer is `VLM.answer`'s): all six right."""
+    manifest = json.loads((Path(sw.__file__).parent / "samples" / "manifest.json").read_text())
+    asked = [item for item in manifest if item["id"].endswith(("_0", "_1"))]
+    wrong = []
+    for item in asked:
+        frames = sw.render(sw.scene_and_questions("samples", item["index"])[0])
+        reply = asyncio.run(stream_and_ask(trained, frames, {len(frames) - 1: item["question"]}))
+        if (text := reply[len(frames) - 1][1]["text"].strip().lower()) != item["answer"]:
+            wrong.append((item["id"], text))
+    assert len(asked) == 6 and not wrong, wrong
