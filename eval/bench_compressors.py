@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     model = VLM.from_pretrained(args.model, device="cpu")
     summary = summarise(run_accuracy(model, items, specs, max_new_tokens=4))
     table = markdown_table(summary)
-    ffn = [corematching_ffn(model, items, spec, args.ffn_questions) for spec in specs if spec.startswith("corematching")]
+    ffn = [corematching_ffn(model, items, spec, args.ffn_questions)
+           for spec in specs if spec.startswith("corematching")]
     for entry in ffn:
         table += (f"\n\n`{entry['spec']}` ({entry['questions']} questions): decode FFN at "
                   f"{100 * entry['decode_ffn_flop_fraction']:.0f}% of the dense FFN's multiply-adds "

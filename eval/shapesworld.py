@@ -123,7 +123,7 @@ class ShapesWorldConfig:
     fps: int = 8
     min_objects: int = 2
     max_objects: int = 5
-    min_visible_frames: int = 3  # the shortest life of an object that appears late or leaves early
+    min_visible_frames: int = 3  # the shortest life of an object that appears late or leaves early (not brief)
 
     def __post_init__(self) -> None:
         if not 8 <= self.frame_count <= 32:
@@ -382,7 +382,8 @@ def _every_object_is_seen(scene: Scene) -> bool:
 
 def _without_hidden_dots(scene: Scene) -> Scene:
     objects = tuple(
-        replace(o, dot_colour=None, dot_frames=None) if o.dot_colour and scene.dot_visible[o.object_id].sum() < 2 else o
+        replace(o, dot_colour=None, dot_frames=None)
+        if o.dot_colour and scene.dot_visible[o.object_id].sum() < 2 else o
         for o in scene.objects
     )
     dot_visible = scene.dot_visible & np.array([o.dot_colour is not None for o in objects])[:, None]
