@@ -43,7 +43,7 @@ from torch import nn
 
 from compressors import CompressionContext, CompressorSpec, VisualTokens, parse_spec
 from eval import shapesworld as sw
-from vlm.model import VLM, VLMConfig
+from vlm.model import VLM, VLMConfig, frame_span
 from vlm.tokenizer import build_word_tokenizer
 
 # Compressors a training clip goes through, with their sampling weights: full tokens a third
@@ -664,7 +664,7 @@ def pack_clip(model: VLM, kept: VisualTokens, span_length: int, questions: list[
               look_targets: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None) -> PackedClip:
     prefix_ids, _ = model._prompt_ids("")
     embeds, positions, _, _ = model._layout(prefix_ids, kept, torch.arange(len(prefix_ids)))
-    after_video = len(prefix_ids) + span_length
+    after_video = model.text_position(len(prefix_ids), len(prefix_ids) + span_length, frame_span(kept))  # as `prepare`
     parts, labels, segments = [(embeds, positions)], [torch.full((len(embeds),), -100)], [torch.zeros(len(embeds))]
     offset, first_at, naming = len(embeds), [], []
     naming_ids = naming_token_ids(model.tokenizer)
