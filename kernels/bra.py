@@ -118,8 +118,6 @@ def route_regions(
     batch, num_q_heads, query_len, head_dim = query.shape
     num_kv_heads, key_len = key.shape[1], key.shape[2]
     group = num_q_heads // num_kv_heads
-    num_regions = layout.num_regions
-    device = query.device
     if layout.length != key_len:
         raise ValueError(f"region layout covers {layout.length} slots, the keys {key_len}")
 
@@ -130,19 +128,29 @@ def route_regions(
     region_query = _region_mean(grouped_query, [max(0, bound - offset) for bound in layout.bounds])  # [B, H_kv, R, D]
     region_key = _region_mean(key, list(layout.bounds))  # [B, H_kv, R, D]
     affinity = region_query @ region_key.transpose(-1, -2)  # [B, H_kv, R, R]
+    return pick_regions(affinity, topk, forced_regions)
 
+
+def pick_regions(affinity: torch.Tensor, topk: int, forced_regions: torch.Tensor | None = None) -> torch.Tensor:
+    """routed [..., R, R] bool from region scores [..., R, R]: each query region reads itself,
+    the earlier regions in `forced_regions` ([R] bool), and its `topk` best-scoring other
+    earlier regions; equal scores go to the earlier region. Shared by both routings."""
+    num_regions, device = affinity.shape[-1], affinity.device
     region = torch.arange(num_regions, device=device)
-    own = region[:, None] == region[None, :]  # [R, R]
     earlier = region[None, :] < region[:, None]  # [R, R], key region before query region
     if forced_regions is None:
         forced_regions = torch.zeros(num_regions, dtype=torch.bool, device=device)
     forced = earlier & forced_regions[None, :]
     candidate = earlier & ~forced_regions[None, :]
-
-    # A stable descending sort puts equal scores in region order: ties go to the earlier region.
     scores = affinity.masked_fill(~candidate, float("-inf"))
-    best = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :topk]
-    picked = torch.zeros_like(candidate.expand_as(scores)).scatter_(-1, best, True) & candidate
+    # The k-th best score by torch.topk (no full sort), then ties at it filled in region order.
+    picks = min(topk, num_regions)
+    kth = scores.topk(picks, dim=-1, sorted=False).values.amin(-1, keepdim=True)  # [..., R, 1]
+    above = scores > kth
+    tied = (scores == kth) & candidate
+    room = picks - above.sum(-1, keepdim=True)  # places left for regions scoring exactly the k-th
+    picked = (above | (tied & (tied.cumsum(-1) <= room))) & candidate
+    own = region[:, None] == region[None, :]
     return own | forced | picked
 
 

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from kernels.bra import RegionLayout
+from kernels.bra import RegionLayout, pick_regions
 
 LOG2_E = 1.4426950408889634
 
@@ -106,16 +106,14 @@ def route_regions_triton(
     """`kernels.bra.route_regions` on the GPU: routed [B, H_kv, R, R] bool, the same function.
 
     Region means come from one kernel that reads q and k once (fp32 sums in a fixed order, so
-    deterministic; the last bits may differ from the reference's order). Top-k uses
-    `torch.topk` for the k-th score, then breaks ties at it towards earlier regions, exactly
-    as the reference's stable sort does.
+    deterministic; the last bits may differ from the reference's order); the regions are then
+    picked by `kernels.bra.pick_regions`, as in the reference.
     """
     batch, num_q_heads, query_len, head_dim = query.shape
     num_kv_heads, key_len = key.shape[1], key.shape[2]
     num_regions, device = layout.num_regions, query.device
     if layout.length != key_len:
         raise ValueError(f"region layout covers {layout.length} slots, the keys {key_len}")
-    region = torch.arange(num_regions, device=device)
     bounds = torch.searchsorted(layout.region_of_slot, torch.arange(num_regions + 1, device=device))  # [R + 1]
 
     region_query = torch.empty(batch, num_kv_heads, num_regions, head_dim, device=device)  # [B, H_kv, R, D]
@@ -129,21 +127,7 @@ def route_regions_triton(
         BLOCK_L=64,
     )
     affinity = region_query @ region_key.transpose(-1, -2)  # [B, H_kv, R, R]
-
-    earlier = region[None, :] < region[:, None]  # [R, R], key region before query region
-    if forced_regions is None:
-        forced_regions = torch.zeros(num_regions, dtype=torch.bool, device=device)
-    forced = earlier & forced_regions[None, :]
-    candidate = earlier & ~forced_regions[None, :]
-    scores = affinity.masked_fill(~candidate, float("-inf"))
-    picks = min(topk, num_regions)
-    kth = scores.topk(picks, dim=-1, sorted=False).values.amin(-1, keepdim=True)  # [B, H_kv, R, 1]
-    above = scores > kth
-    tied = (scores == kth) & candidate
-    room = picks - above.sum(-1, keepdim=True)  # places left for regions scoring exactly the k-th
-    picked = (above | (tied & (tied.cumsum(-1) <= room))) & candidate
-    own = region[:, None] == region[None, :]
-    return own | forced | picked
+    return pick_regions(affinity, topk, forced_regions)
 
 
 def tile_lists(
