@@ -669,6 +669,15 @@ def _ask_temporal_order(scene: Scene, rng: np.random.Generator) -> Question | No
     )
 
 
+def temporal_event(question: Question) -> tuple[str, bool]:
+    """(the SceneObject field that times the event, whether the earliest wins) of a
+    temporal-order question, from its wording."""
+    for wording, event in _TEMPORAL_EVENTS.items():
+        if question.type == "temporal_order" and f"Which {wording}:" in question.text:
+            return event
+    raise ValueError(f"not a temporal-order question: {question.text!r}")
+
+
 def _is_brief(obj: SceneObject) -> bool:
     return obj.last_frame - obj.first_frame + 1 <= BRIEF_LIFE_FRAMES[1]
 

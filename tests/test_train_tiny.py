@@ -94,7 +94,7 @@ def test_patch_targets_mark_the_one_patch_that_holds_each_visible_objects_centre
 
 
 def test_count_targets_weigh_one_token_per_counted_object_and_sum_to_the_count():
-    from eval.train_tiny import count_targets, encode_pool, pool_tokens
+    from eval.train_tiny import FACT_COUNT, count_targets, encode_pool, kept_cells, pool_tokens, token_owners
 
     model = new_model(0)
     pool = encode_pool(model, "train", 0, 10)
@@ -115,11 +115,59 @@ def test_count_targets_weigh_one_token_per_counted_object_and_sum_to_the_count()
             if question.frame_index is not None:
                 assert (tokens.frame_index[on] == question.frame_index).all()
             checked += 1
-            if on.any():  # a compressor that drops one of them leaves the count head untaught
+            if on.any():  # without `present`, a compressor that drops one of them leaves the count head untaught
                 kept = tokens.select(~on)
                 assert count_targets(pool.facts[index], question, kept) is None
+                # with it, each object moves to another of its kept tokens: in the same frame if
+                # it shows there, else a later one; never to a token that does not show it
+                present = token_owners(kept, pool.owners[index])
+                moved = count_targets(pool.facts[index], question, kept, present)
+                if moved is None:
+                    continue
+                assert int(moved.sum()) == len(question.object_ids)
+                facts, cells = pool.facts[index], kept_cells(kept)
+                for object_id in question.object_ids:
+                    # its token: where it shows (its centre, or a token it covers) in its earliest
+                    # kept frame, which is the question's frame if it names one
+                    centres = facts[object_id, FACT_COUNT + 16:FACT_COUNT + 32].long()
+                    at_centre = (centres[kept.frame_index] >= 0) & (cells == kept.frame_index * 16 + centres[kept.frame_index])
+                    shows = ((present >> object_id) & 1).bool() | at_centre
+                    if question.frame_index is not None:
+                        shows &= kept.frame_index == question.frame_index
+                    first = kept.frame_index[shows].min()
+                    assert moved[shows & (kept.frame_index == first)].sum() >= 1
                 dropped += 1
     assert checked >= 8 and dropped >= 5
+
+
+def test_temporal_questions_are_taught_only_where_the_kept_tokens_show_the_order():
+    from eval.train_tiny import encode_pool, order_is_kept, pool_tokens, token_owners
+
+    model = new_model(0)
+    pool = encode_pool(model, "train", 0, 30)
+    shown, hidden = 0, 0
+    for index in range(len(pool)):
+        tokens = pool_tokens(model, pool, index)
+        kept = tokens.select(tokens.frame_index % 4 == 0)
+        for question in pool.questions[index]:
+            if question.type != "temporal_order":
+                continue
+            assert order_is_kept(question, tokens, token_owners(tokens, pool.owners[index]))  # all frames show it
+            event, earliest = sw.temporal_event(question)
+            times = [getattr(pool_scene(index).objects[i], event) for i in question.object_ids]
+            seen = [[t for t in range(0, 16, 4) if pool_scene(index).present[i, t]] for i in question.object_ids]
+            if not all(seen):  # an option between kept frames: the order is not shown
+                assert not order_is_kept(question, kept, token_owners(kept, pool.owners[index]))
+                hidden += 1
+            elif order_is_kept(question, kept, token_owners(kept, pool.owners[index])):
+                shown += 1  # and then the kept frames order the options as the scene does
+                first = [min(s) if event == "first_frame" else max(s) for s in seen]
+                assert (first[0] < min(first[1:])) == earliest and (times[0] < min(times[1:])) == earliest
+    assert shown >= 5 and hidden >= 3
+
+
+def pool_scene(index: int) -> sw.Scene:
+    return sw.scene_and_questions("train", index)[0]
 
 
 def test_count_head_is_taught_the_sink_and_one_token_per_object_and_the_readout_the_count():
@@ -431,8 +479,8 @@ def test_cached_pool_is_the_pool_encoded_again(tmp_path):
     assert len(list(tmp_path.glob("pool-val-2-*.pt"))) == 2
 
 
-def test_fine_detail_is_asked_only_where_the_kept_tokens_show_the_dot():
-    from eval.train_tiny import dot_is_kept, encode_pool, packed_from_pool, pool_tokens
+def test_fine_detail_and_temporal_order_are_asked_only_where_the_kept_tokens_show_the_answer():
+    from eval.train_tiny import dot_is_kept, encode_pool, order_is_kept, packed_from_pool, pool_tokens, token_owners
 
     model = new_model(0)
     pool = encode_pool(model, "train", 0, 6)
@@ -448,7 +496,9 @@ def test_fine_detail_is_asked_only_where_the_kept_tokens_show_the_dot():
         for question in fine:
             assert dot_is_kept(pool.facts[index], question.object_ids[0], tokens)  # all tokens show every dot
             checked["kept" if dot_is_kept(pool.facts[index], question.object_ids[0], kept) else "lost"] += 1
+        present = token_owners(kept, pool.owners[index])
         lost = sum(not dot_is_kept(pool.facts[index], q.object_ids[0], kept) for q in fine)
+        lost += sum(q.type == "temporal_order" and not order_is_kept(q, kept, present) for q in pool.questions[index])
         assert (0 if clip is None else len(clip.first_answer_at)) == len(pool.questions[index]) - lost
     assert min(checked.values()) >= 1
 
