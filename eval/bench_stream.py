@@ -270,13 +270,15 @@ def markdown(command: str, model_name: str, long: dict | None, concurrent: list[
 
 
 def replace_section(path: Path, section: str) -> None:
-    """Put `section` in place of this benchmark's own section (or at the end); others stay."""
+    """Put `section` in place of the section with its title (its first line), or at the end;
+    others stay."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = text.find(SECTION)
+    title = section.split("\n", 1)[0]
+    start = text.find(title + "\n")
     if start < 0:
         before, after = text.rstrip("\n") + "\n\n", ""
     else:
-        following = text.find("\n## ", start + len(SECTION))
+        following = text.find("\n## ", start + len(title))
         before, after = text[:start], (text[following + 1:] if following >= 0 else "")
     path.write_text(before + section.rstrip("\n") + "\n" + ("\n" + after if after else ""))
 

@@ -22,6 +22,10 @@ class Metrics:
               registry=self.registry).set_function(lambda: engine_stats().queue_depth)
         Gauge("vidsieve_kv_bytes", "keys and values held by live sessions",
               registry=self.registry).set_function(lambda: engine_stats().kv_bytes)
+        Gauge("vidsieve_decode_steps", "decode steps run since start (one per answer token after the first)",
+              registry=self.registry).set_function(lambda: engine_stats().decode_steps)
+        Gauge("vidsieve_decode_passes", "forward passes those steps took; steps / passes is the mean decode batch",
+              registry=self.registry).set_function(lambda: engine_stats().decode_passes)
         self.time_to_first_token = Histogram("vidsieve_time_to_first_token_seconds",
                                              "from a question's arrival to its first token", ["front_door"],
                                              buckets=TTFT_BUCKETS_S, registry=self.registry)

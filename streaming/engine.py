@@ -6,10 +6,13 @@ evict), a question's prefill with its first token, or one decode step. So a long
 long answer never holds the model for more than one item while another session waits, and
 time to first token under load grows with the number of busy sessions, not with their length.
 
-Decode steps are not batched across sessions: each session's `KVState` is one sequence of its
-own length with its own evictions, and the LM runner decodes batch 1. Batching them would
-need a ragged (varlen) attention path in `kernels/` and a batched KV; on the CPUs this runs
-on today, interleaving costs little because a tiny model's decode step is memory-light.
+Decode steps are batched across jobs: when the job whose turn it is waits on a decode step,
+every other job waiting on one (and able to take its token) joins it, and `LMRunner.step_batch`
+runs them as one [B, 1, D] pass (weights read once for all; attention per sequence over its
+own `KVState`, since each session has its own length, evictions and attention spec). Then each
+job in the batch takes its token in round-robin order. `python -m eval.bench_stream --decode`
+measures what it buys (docs/BENCHMARKS.md). A batch that fails leaves every KV as it was and
+its jobs step one by one.
 
 Admission control: at most `max_sessions` jobs at once (`EngineFullError` beyond). A job
 ends when its client closes it (`close`) or, for a one-shot answer, when the answer is done;
@@ -44,6 +47,7 @@ class EngineFullError(SessionError):
 class EngineConfig:
     max_sessions: int = 16  # live sessions plus one-shot answers in flight
     idle_wait_s: float = 0.05  # how long the model thread sleeps when no job can run
+    max_decode_batch: int = 16  # decode steps of this many jobs run as one batch; 1: never batch
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,8 @@ class EngineStats:
     sessions: int  # jobs held (live sessions and one-shot answers)
     queue_depth: int  # work items waiting across all jobs
     kv_bytes: int  # keys and values held by live sessions
+    decode_steps: int = 0  # decode steps the model has run, alone or in a batch
+    decode_passes: int = 0  # forward passes those took (steps / passes: the mean batch size)
 
 
 class Job(Protocol):
@@ -139,7 +145,8 @@ class Engine:
     def stats(self) -> EngineStats:
         with self._wake:
             jobs = list(self._jobs)
-        return EngineStats(len(jobs), sum(job.pending() for job in jobs), sum(job.kv_bytes() for job in jobs))
+        return EngineStats(len(jobs), sum(job.pending() for job in jobs), sum(job.kv_bytes() for job in jobs),
+                           self.model.runner.decode_steps, self.model.runner.decode_passes)
 
     # --- the model thread ------------------------------------------------------------------
 
@@ -148,29 +155,57 @@ class Engine:
             with self._wake:
                 ended = [job for job in self._jobs if job.closed or job.finished()]
                 self._jobs = [job for job in self._jobs if job not in ended]
-                job = None if self._stopping else self._next_runnable()
-                if job is None and not ended:
+                batch = [] if self._stopping else self._next_runnable()
+                if not batch and not ended:
                     if self._stopping:
                         return
                     self._wake.wait(self.config.idle_wait_s)
                     continue
             for finished in ended:
                 self._release(finished)
-            if job is not None:
+            if len(batch) > 1:
+                self._decode_together(batch)
+            for job in batch:
                 self._step(job)
 
-    def _next_runnable(self) -> Job | None:
-        """The next job after the last one served that has work it can do now."""
+    def _next_runnable(self) -> list[Job]:
+        """The next job after the last one served that has work it can do now; when that work
+        is a decode step, with it the jobs after it (in round-robin order) that also wait on
+        one, up to `max_decode_batch`. Empty when no job can run."""
         count = len(self._jobs)
+        waiting = self.model.runner.waiting
         for offset in range(count):
             index = (self._cursor + offset) % count
-            if self._jobs[index].runnable():
-                self._cursor = index + 1
-                return self._jobs[index]
-        return None
+            job = self._jobs[index]
+            if not job.runnable():
+                continue
+            batch = [job]
+            if job.job_id in waiting:
+                for later in range(offset + 1, count):
+                    if len(batch) == self.config.max_decode_batch:
+                        break
+                    other = self._jobs[(self._cursor + later) % count]
+                    if other.job_id in waiting and not other.closed and other.runnable():
+                        batch.append(other)
+                        index = (self._cursor + later) % count
+            self._cursor = index + 1
+            return batch
+        return []
+
+    def _decode_together(self, batch: list[Job]) -> None:
+        """Run the waiting decode steps of `batch` as one forward pass; each job's own step then
+        takes the token it computed (or, if this failed, runs its step alone)."""
+        steps = [self.model.runner.waiting[job.job_id] for job in batch]
+        try:
+            self.model.runner.step_batch(steps)
+        except Exception:
+            log.exception("batched decode step failed; its jobs step one by one",
+                          extra={"session_id": ",".join(job.job_id for job in batch)})
+            return
 
     def _step(self, job: Job) -> None:
-        self.model.runner.attention_spec = job.attention
+        runner = self.model.runner
+        runner.attention_spec, runner.owner = job.attention, job.job_id
         try:
             job.step()
         except VidsieveError as error:  # the user's input: tell the job's client, keep the job
@@ -180,7 +215,7 @@ class Engine:
             self._report(job, ErrorEvent("internal", "internal error; the session was closed", fatal=True))
             self.close(job)
         finally:
-            self.model.runner.attention_spec = self._default_attention
+            runner.attention_spec, runner.owner = self._default_attention, None
 
     def _report(self, job: Job, event: ErrorEvent) -> None:
         try:

@@ -120,3 +120,85 @@ def test_kv_eviction_keeps_order_positions_and_reports_bytes():
     assert state.is_visual.tolist() == [False, True, False, False]
     assert state.frame_index.tolist() == [-1, 0, -1, -1]
     assert state.nbytes() == 4 * 2 * 2 * 4 * 4
+
+
+def test_a_batched_decode_step_equals_each_sequence_stepped_alone():
+    """Three sequences of different lengths, one with BRA attention and one with CoreMatching's
+    sliced FFN: one `step_batch` gives each the logits and the KV its own step would."""
+    from kernels import AttentionSpec
+    from vlm.lm_runner import PendingStep, SlicedFFN
+
+    runner = LMRunner(tiny_qwen2())
+    specs = [AttentionSpec(), AttentionSpec.parse("bra:topk=1,block=4"), AttentionSpec()]
+
+    def prefilled(length: int, seed: int) -> KVState:
+        state, _ = runner.prefill(torch.randn(length, 32, generator=torch.Generator().manual_seed(seed)))
+        return state
+
+    def sliced(state: KVState) -> KVState:
+        state.ffn_slices[1] = SlicedFFN.from_mlp(runner.layers[1].mlp, torch.arange(0, 64, 2))
+        return state
+
+    lengths = (9, 23, 40)
+    alone, together = [], []
+    for states in (alone, together):
+        states += [prefilled(length, seed) for seed, length in enumerate(lengths)]
+        sliced(states[2])
+    tokens = [5, 17, 80]
+    expected = []
+    for state, spec, token in zip(alone, specs, tokens):  # the ordinary one-token forward
+        runner.attention_spec = spec
+        expected.append(runner.forward(runner.embed(torch.tensor([token])), torch.tensor([state.next_position]), state))
+    runner.attention_spec = AttentionSpec()
+    steps = [PendingStep(state, spec, token) for state, spec, token in zip(together, specs, tokens)]
+    runner.step_batch(steps)
+    for step, logits, state in zip(steps, expected, alone):
+        torch.testing.assert_close(step.logits, logits, atol=1e-5, rtol=1e-5)
+        assert step.state.length == state.length and step.state.next_position == state.next_position
+        for layer in range(2):
+            torch.testing.assert_close(step.state.keys(layer), state.keys(layer), atol=1e-5, rtol=1e-5)
+    dense = prefilled(40, 2)  # the slices matter: without them the third row differs
+    runner.step_batch([unsliced := PendingStep(dense, AttentionSpec(), 80)])
+    assert not torch.allclose(unsliced.logits, expected[2], atol=1e-3)
+
+
+def test_a_failed_batched_step_leaves_every_state_as_it_was(monkeypatch):
+    from kernels import AttentionSpec
+    from vlm import lm_runner
+    from vlm.lm_runner import PendingStep
+
+    runner = LMRunner(tiny_qwen2())
+    states = [runner.prefill(torch.randn(length, 32))[0] for length in (6, 11)]
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # layer 1, second sequence: after every state took its slot
+            raise RuntimeError("boom")
+        return real(*args, **kwargs)
+
+    real = lm_runner.attention
+    monkeypatch.setattr(lm_runner, "attention", failing)
+    with pytest.raises(RuntimeError):
+        runner.step_batch([PendingStep(state, AttentionSpec(), 3) for state in states])
+    assert [(s.length, s.next_position) for s in states] == [(6, 6), (11, 11)]
+    with pytest.raises(ValueError):
+        runner.step_batch([PendingStep(states[0], AttentionSpec(), 3)] * 2)
+
+
+def test_decode_waits_between_tokens_only_under_an_owner_and_takes_logits_computed_meanwhile():
+    runner = LMRunner(tiny_qwen2())
+    embeds = torch.randn(8, 32)
+    expected = greedy(runner, embeds, 5)
+    assert runner.waiting == {}
+    runner.owner = "job"
+    state, logits = runner.prefill(embeds)
+    tokens = runner.decode(state, logits, SamplingParams(max_new_tokens=5))
+    got = [next(tokens)]  # the owner is read when decoding starts
+    runner.owner = None
+    passes = runner.decode_passes
+    runner.step_batch([runner.waiting["job"]])  # as the engine does: the step runs outside
+    got.append(next(tokens))
+    assert runner.decode_passes == passes + 1  # the generator did not step again itself
+    got += list(tokens)
+    assert got == expected and runner.waiting == {}  # the last token does not wait

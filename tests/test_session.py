@@ -255,6 +255,37 @@ def test_the_engine_serves_sessions_round_robin_one_work_item_each(model, video)
     assert done_events(events["a"])[0].text == done_events(events["b"])[0].text  # same frames, same answer
 
 
+@pytest.mark.parametrize("max_decode_batch", [16, 1])
+def test_concurrent_answers_decode_as_one_batch_and_answer_as_they_would_alone(model, video, max_decode_batch):
+    frames, timestamps_s, questions = video
+    texts = [q.text for q in questions[:4]]
+    config = SessionConfig(fps=None, memory=MemoryPolicy(carriers=4, window_frames=2))
+    alone = [done_events(run_session(model, config, frames[: 3 + i], timestamps_s[: 3 + i], [text])[1])[0].text
+             for i, text in enumerate(texts)]  # sessions of different lengths
+    engine = Engine(model, EngineConfig(max_sessions=4, max_decode_batch=max_decode_batch))
+    events = [[] for _ in texts]
+    for i, text in enumerate(texts):
+        session = Session(model, config, events[i].append, session_id=f"s{i}")
+        for frame, timestamp_s in zip(frames[: 3 + i], timestamps_s[: 3 + i]):
+            session.push_frame(float(timestamp_s), lambda frame=frame: frame)
+        session.ask(Question("q", text, model.default_sampling(8)))
+        engine.admit(session)
+    before = engine.stats()
+    engine.start()
+    try:
+        wait_for(lambda: all(done_events(e) for e in events))
+    finally:
+        engine.shutdown()
+    assert [done_events(e)[0].text for e in events] == alone
+    after = engine.stats()
+    steps, passes = after.decode_steps - before.decode_steps, after.decode_passes - before.decode_passes
+    assert steps == sum(done_events(e)[0].usage.completion_tokens - 1 for e in events)  # one per token after the first
+    if max_decode_batch == 1:
+        assert passes == steps
+    else:
+        assert steps > 0 and passes < steps  # several sessions' steps shared a pass
+
+
 def test_admission_control_refuses_sessions_beyond_the_limit_and_close_releases_memory(model, video):
     frames, timestamps_s, questions = video
     engine = Engine(model, EngineConfig(max_sessions=2)).start()

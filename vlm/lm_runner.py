@@ -68,6 +68,17 @@ class DecodeStats:
 
 
 @dataclass
+class PendingStep:
+    """One sequence's next decode step: `token` goes into `state`, and `logits` (None until
+    the step has run) are the next token's."""
+
+    state: KVState
+    attention: AttentionSpec
+    token: int = -1
+    logits: torch.Tensor | None = None
+
+
+@dataclass
 class SlicedFFN:
     """A gated FFN restricted to a subset of its hidden units: `down[:, S] (act(gate[S] x) * up[S] x)`.
     Equal to the dense FFN with every other unit's activation set to zero (CoreMatching's decode)."""
@@ -126,6 +137,11 @@ class LMRunner:
         # M-RoPE (Qwen2-VL): three position ids per token, (t, h, w)
         self.position_dims = 3 if hasattr(self.decoder.rotary_emb, "mrope_section") else 1
         self.attention_spec = attention_spec or AttentionSpec()  # dense unless a spec says otherwise
+        # Decode steps waiting between tokens, by owner (see `decode`); the engine batches them.
+        self.owner: str | None = None
+        self.waiting: dict[str, PendingStep] = {}
+        self.decode_steps = 0  # decode steps run, and the forward passes they took (`step_batch`)
+        self.decode_passes = 0
 
     @property
     def device(self) -> torch.device:
@@ -242,10 +258,10 @@ class LMRunner:
         text_attention = self._text_attention(q, keys, state, slots) if observe else None
         return attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1)), text_attention
 
-    def _routing(self, state: KVState) -> dict:
-        """Per-call arguments of bi-level routing attention: regions by frame when asked, and
-        text slots forced (every query reads the prompt's text)."""
-        spec = self.attention_spec
+    def _routing(self, state: KVState, spec: AttentionSpec | None = None) -> dict:
+        """Per-call arguments of bi-level routing attention (`spec`, else the runner's): regions
+        by frame when asked, and text slots forced (every query reads the prompt's text)."""
+        spec = spec or self.attention_spec
         if spec.kind == "dense":
             return {}
         regions = frame_regions(state.frame_index) if spec.regions == "frames" else None
@@ -295,24 +311,110 @@ class LMRunner:
     ) -> Iterator[int]:
         """Yield new token ids, starting from the logits of the last prefilled token.
 
-        Stops after a stop token (which is yielded) or `max_new_tokens`.
+        Stops after a stop token (which is yielded) or `max_new_tokens`. If `owner` is set when it
+        starts (the engine sets it to the job being served), each step waits in `waiting` between tokens, so
+        the engine can run the steps of several owners as one batch (`step_batch`); the next
+        token then reads the logits that batch computed.
         """
         stats = stats if stats is not None else DecodeStats()
         generator = torch.Generator(device="cpu").manual_seed(sampling.seed)
         stop_ids = set(sampling.stop_token_ids)
-        for step in range(sampling.max_new_tokens):
-            token = pick_next_token(logits, sampling, generator)
-            stats.new_tokens += 1
-            if stats.first_token_s is None:
-                stats.first_token_s = time.perf_counter() - stats.started_at
-            yield token
-            if token in stop_ids:
-                stats.finish_reason = "stop"
-                return
-            if step + 1 < sampling.max_new_tokens:
-                embed = self.embed(torch.tensor([token]))
-                logits = self.forward(embed, torch.tensor([state.next_position]), state)
-        stats.finish_reason = "length"
+        step = PendingStep(state, self.attention_spec)
+        owner = self.owner
+        try:
+            for produced in range(1, sampling.max_new_tokens + 1):
+                token = pick_next_token(logits, sampling, generator)
+                stats.new_tokens += 1
+                if stats.first_token_s is None:
+                    stats.first_token_s = time.perf_counter() - stats.started_at
+                last = token in stop_ids or produced == sampling.max_new_tokens
+                step.token, step.logits = token, None
+                if owner is not None and not last:
+                    self.waiting[owner] = step
+                yield token
+                self.waiting.pop(owner, None)
+                if token in stop_ids:
+                    stats.finish_reason = "stop"
+                    return
+                if last:
+                    break
+                if step.logits is None:  # not run in a batch meanwhile
+                    self.step_batch([step])
+                logits = step.logits
+            stats.finish_reason = "length"
+        finally:
+            if owner is not None and self.waiting.get(owner) is step:
+                del self.waiting[owner]
+
+    @torch.inference_mode()
+    def step_batch(self, steps: list[PendingStep]) -> None:
+        """One decode step of several sequences at once: each appends its `token` to its own
+        `KVState` (each of its own length) and gets the `logits` of the next token.
+
+        The projections, FFNs and LM head run as one [B, 1, D] batch, so their weights are read
+        once for B sequences (what bounds a decode step); attention runs per sequence over its
+        own keys, with its own attention spec. A sequence with core-neuron FFN slices
+        (CoreMatching) takes its slices. If anything fails, every state is as it was."""
+        states = [step.state for step in steps]
+        if len({id(state) for state in states}) != len(states):
+            raise ValueError("a batch holds each KVState at most once")
+        before = [(state.length, state.next_position) for state in states]
+        try:
+            positions = self._position_ids(torch.tensor([state.next_position for state in states]))  # [B, P]
+            slots = []
+            for state, position in zip(states, positions):
+                slots.append(state.reserve(position[None], torch.zeros(1, dtype=torch.bool),
+                                           torch.full((1,), TEXT_FRAME, dtype=torch.long)))
+                state.next_position = int(position.max()) + 1
+            hidden = self.embed(torch.tensor([step.token for step in steps]))[:, None].to(self.dtype)  # [B, 1, D]
+            cos, sin = self._rotary(hidden.transpose(0, 1), positions)  # [1, B, Dh]
+            cos, sin = cos.transpose(0, 1), sin.transpose(0, 1)  # [B, 1, Dh]
+            for layer_index, layer in enumerate(self.layers):
+                hidden = hidden + self._batch_attention(layer, layer_index, hidden, cos, sin, steps, slots)
+                hidden = hidden + self._batch_mlp(layer, layer_index, hidden, states)
+            logits = self.lm.lm_head(self.decoder.norm(hidden))[:, 0].float()  # [B, V]
+        except BaseException:
+            for state, (length, next_position) in zip(states, before):
+                state.truncate(length)
+                state.next_position = next_position
+            raise
+        for step, row in zip(steps, logits):
+            step.logits = row
+        self.decode_steps += len(steps)
+        self.decode_passes += 1
+
+    def _batch_attention(self, layer, layer_index, hidden, cos, sin, steps, slots):
+        attn = layer.self_attn
+        x = layer.input_layernorm(hidden)
+        batch = x.shape[0]
+        q = attn.q_proj(x).view(batch, 1, -1, self.head_dim)
+        k = attn.k_proj(x).view(batch, 1, -1, self.head_dim)
+        v = attn.v_proj(x).view(batch, 1, -1, self.head_dim)
+        if hasattr(attn, "q_norm"):
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q = apply_rotary(q.transpose(1, 2), cos, sin)  # [B, H_q, 1, Dh]
+        k = apply_rotary(k.transpose(1, 2), cos, sin)  # [B, H_kv, 1, Dh]
+        v = v.transpose(1, 2)
+        out = []
+        for row, (step, slot) in enumerate(zip(steps, slots)):
+            state = step.state
+            state.write(layer_index, slot, k[row], v[row])
+            out.append(attention(q[row:row + 1], state.keys(layer_index), state.values(layer_index), scale=self.scale,
+                                 **self._routing(state, step.attention)))
+        return attn.o_proj(torch.cat(out).transpose(1, 2).reshape(batch, 1, -1))
+
+    def _batch_mlp(self, layer, layer_index, hidden, states):
+        x = layer.post_attention_layernorm(hidden)
+        sliced = [row for row, state in enumerate(states) if layer_index in state.ffn_slices]
+        if not sliced:
+            return layer.mlp(x)
+        out = torch.empty_like(x)
+        dense = [row for row in range(len(states)) if row not in sliced]
+        if dense:
+            out[dense] = layer.mlp(x[dense])
+        for row in sliced:
+            out[row] = states[row].ffn_slices[layer_index](x[row:row + 1])[0]
+        return out
 
 
 def pick_next_token(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator) -> int:
