@@ -170,7 +170,8 @@ def test_health_ready_models_and_metrics(server):
     assert [card["id"] for card in models["data"]] == ["vidsieve-tiny"]
     metrics = httpx.get(f"{server.http_url}/metrics", headers=auth_headers()).text
     for name in ("vidsieve_sessions", "vidsieve_queue_depth", "vidsieve_time_to_first_token_seconds_bucket",
-                 "vidsieve_visual_tokens_kept_bucket", "vidsieve_kv_bytes"):
+                 "vidsieve_visual_tokens_kept_bucket", "vidsieve_kv_bytes", "vidsieve_decode_steps",
+                 "vidsieve_decode_passes"):
         assert name in metrics
     assert httpx.get(f"{server.http_url}/health", headers={"x-request-id": "trace-me"}).headers["x-request-id"] == "trace-me"
 

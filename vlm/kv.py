@@ -1,6 +1,6 @@
 """KVState: the keys and values an LM has computed so far, with what each slot is.
 
-One sequence (batch 1). Keys are stored AFTER rotary embedding, so a slot keeps the position
+One sequence (batch 1; `LMRunner.step_batch` steps several states together). Keys are stored AFTER rotary embedding, so a slot keeps the position
 it was computed at forever: evicting other slots never shifts it, and new tokens continue from
 `next_position`, the true next position, not from the number of slots kept.
 
