@@ -10,8 +10,8 @@ Decode steps are batched across jobs: when the job whose turn it is waits on a d
 every other job waiting on one (and able to take its token) joins it, and `LMRunner.step_batch`
 runs them as one [B, 1, D] pass (weights read once for all; attention per sequence over its
 own `KVState`, since each session has its own length, evictions and attention spec). Then each
-job in the batch takes its token in round-robin order. `python -m eval.bench_stream --decode`
-measures what it buys (docs/BENCHMARKS.md). A batch that fails leaves every KV as it was and
+job in the batch takes its token in round-robin order. `python -m eval.bench_decode` measures
+what it buys (docs/BENCHMARKS.md). A batch that fails leaves every KV as it was and
 its jobs step one by one.
 
 Admission control: at most `max_sessions` jobs at once (`EngineFullError` beyond). A job

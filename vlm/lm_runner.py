@@ -311,10 +311,10 @@ class LMRunner:
     ) -> Iterator[int]:
         """Yield new token ids, starting from the logits of the last prefilled token.
 
-        Stops after a stop token (which is yielded) or `max_new_tokens`. If `owner` is set when it
-        starts (the engine sets it to the job being served), each step waits in `waiting` between tokens, so
-        the engine can run the steps of several owners as one batch (`step_batch`); the next
-        token then reads the logits that batch computed.
+        Stops after a stop token (which is yielded) or `max_new_tokens`. If `owner` is set when
+        it starts (the engine sets it to the job being served), each step waits in `waiting`
+        between tokens, so the engine can run the steps of several owners as one batch
+        (`step_batch`); the next token then reads the logits that batch computed.
         """
         stats = stats if stats is not None else DecodeStats()
         generator = torch.Generator(device="cpu").manual_seed(sampling.seed)
