@@ -1,0 +1,117 @@
+"""Accuracy under a compressor, split by whether the kept tokens still show each answer.
+
+    python -m eval.answer_in_view --model vidsieve-tiny --spec random:ratio=0.25 --count 200
+
+A compressor can cost accuracy two ways: it drops the tokens that hold the answer (no model
+could answer then), or the model fails on what is left (a robustness gap). For each ShapesWorld
+test question this reads, from the generator's scene state, whether the tokens the compressor
+kept still show its answer, with the rules training uses (`eval.train_tiny`):
+
+- fine detail: a kept token at the object's centre in a frame where its dot shows (`dot_is_kept`);
+- temporal order: every option in view, the winner's first (last) kept frame ahead of the
+  others' (`order_is_kept`);
+- counting: every counted object covered by a kept token in the frame the question names, or in
+  some frame (`count_targets`);
+- the rest: the object covered by a kept token (in the frame the question names, if any).
+
+Then it reports, per type and for each side, how many questions, and their accuracy with the
+compressor and with `none` (the same questions). Clips are compressed with seed 0, as
+`vidsieve bench accuracy --reuse kv` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from compressors import CompressionContext, VisualTokens, parse_spec
+from eval import shapesworld as sw
+from eval.accuracy import extract_choice
+from eval.train_tiny import (binding_masks, count_targets, dot_is_kept, object_facts, order_is_kept, render_clip,
+                             token_owners)
+from streaming import SamplingPlan, open_video
+from vlm.model import VLM
+
+
+def answer_shown(question: sw.Question, kept: VisualTokens, owners: torch.Tensor, facts: torch.Tensor) -> bool:
+    """Whether `kept` still shows `question`'s answer (the rules in the module docstring)."""
+    present = token_owners(kept, owners)
+    if question.type == "fine_detail":
+        return dot_is_kept(facts, question.object_ids[0], kept)
+    if question.type == "temporal_order":
+        return order_is_kept(question, kept, present)
+    if question.type == "counting":
+        return count_targets(facts, question, kept, present) is not None
+    return bool(binding_masks(kept, owners, [question])[0].any())
+
+
+def breakdown(model: VLM, manifest: Path, spec_text: str) -> dict:
+    """{type: {"shown" | "hidden": {"questions", "correct", "correct_none"}}} over a ShapesWorld manifest."""
+    spec, baseline = parse_spec(spec_text), parse_spec("none")
+    rows = json.loads(manifest.read_text())
+    block_px = model.encoder.patch_size * model.projector.merge
+    sampling = model.default_sampling(8)
+    table: dict = defaultdict(lambda: {side: {"questions": 0, "correct": 0, "correct_none": 0}
+                                       for side in ("shown", "hidden")})
+    for video in dict.fromkeys(row["video"] for row in rows):
+        clip_rows = [row for row in rows if row["video"] == video]
+        split, index = clip_rows[0]["split"], clip_rows[0]["index"]
+        scene, questions = sw.scene_and_questions(split, index)
+        _, _, owners = render_clip(split, index, block_px)
+        owners = torch.as_tensor(owners)
+        facts = torch.as_tensor(object_facts(scene, block_px))
+        frames = open_video(manifest.parent / video, SamplingPlan(num_frames=model.config.num_frames)).read_all()
+        tokens = model.encode_frames(np.stack([f.rgb for f in frames]), [f.timestamp_s for f in frames])
+        kept = spec.compressor.compress(tokens, CompressionContext(question="", budget=spec.budget, seed=0, model=model))
+        prefilled = {"spec": model.prefill_video(tokens, spec), "none": model.prefill_video(tokens, baseline)}
+        for row in clip_rows:
+            question = next(q for q in questions if q.text == row["question"])
+            side = "shown" if answer_shown(question, kept, owners, facts) else "hidden"
+            cell = table[row["type"]][side]
+            cell["questions"] += 1
+            for key, video_kv in (("correct", prefilled["spec"]), ("correct_none", prefilled["none"])):
+                ids = list(model.stream_reused(video_kv, row["question"], sampling))
+                text = model.tokenizer.decode(ids, skip_special_tokens=True).strip()
+                cell[key] += int(extract_choice(text, row["candidates"]) == row["candidates"].index(row["answer"]))
+    return dict(sorted(table.items()))
+
+
+def markdown(spec_text: str, table: dict) -> str:
+    def accuracy(cell: dict, key: str) -> str:
+        return f"{100 * cell[key] / cell['questions']:.1f}" if cell["questions"] else "-"
+
+    lines = [f"`{spec_text}`: accuracy with it / with `none`, on the questions whose answer its kept tokens "
+             "still show and on those they do not", "",
+             "| type | shown: questions | shown: accuracy | shown: with none | hidden: questions | "
+             "hidden: accuracy | hidden: with none |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for kind, sides in table.items():
+        shown, hidden = sides["shown"], sides["hidden"]
+        lines.append(f"| {kind} | {shown['questions']} | {accuracy(shown, 'correct')} | {accuracy(shown, 'correct_none')} "
+                     f"| {hidden['questions']} | {accuracy(hidden, 'correct')} | {accuracy(hidden, 'correct_none')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="vidsieve-tiny")
+    parser.add_argument("--spec", action="append", required=True, help="compressor spec (repeatable)")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--count", type=int, default=200, help="clips")
+    parser.add_argument("--data-dir", type=Path, default=Path("runs/shapesworld"))
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = VLM.from_pretrained(args.model, device="cpu")
+    manifest = sw.cached_split(args.split, args.count, args.data_dir)
+    for spec_text in args.spec:
+        print(markdown(spec_text, breakdown(model, manifest, spec_text)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
