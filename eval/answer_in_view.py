@@ -67,7 +67,8 @@ def breakdown(model: VLM, manifest: Path, spec_text: str) -> dict:
         facts = torch.as_tensor(object_facts(scene, block_px))
         frames = open_video(manifest.parent / video, SamplingPlan(num_frames=model.config.num_frames)).read_all()
         tokens = model.encode_frames(np.stack([f.rgb for f in frames]), [f.timestamp_s for f in frames])
-        kept = spec.compressor.compress(tokens, CompressionContext(question="", budget=spec.budget, seed=0, model=model))
+        context = CompressionContext(question="", budget=spec.budget, seed=0, model=model)
+        kept = spec.compressor.compress(tokens, context)
         prefilled = {"spec": model.prefill_video(tokens, spec), "none": model.prefill_video(tokens, baseline)}
         for row in clip_rows:
             question = next(q for q in questions if q.text == row["question"])
@@ -91,7 +92,8 @@ def markdown(spec_text: str, table: dict) -> str:
              "hidden: accuracy | hidden: with none |", "|---|---:|---:|---:|---:|---:|---:|"]
     for kind, sides in table.items():
         shown, hidden = sides["shown"], sides["hidden"]
-        lines.append(f"| {kind} | {shown['questions']} | {accuracy(shown, 'correct')} | {accuracy(shown, 'correct_none')} "
+        lines.append(f"| {kind} | {shown['questions']} | {accuracy(shown, 'correct')} "
+                     f"| {accuracy(shown, 'correct_none')} "
                      f"| {hidden['questions']} | {accuracy(hidden, 'correct')} | {accuracy(hidden, 'correct_none')} |")
     return "\n".join(lines) + "\n"
 

@@ -61,7 +61,8 @@ def answer_together(model, sessions: int, new_tokens: int, max_decode_batch: int
 
     engine = Engine(model, EngineConfig(max_sessions=sessions, max_decode_batch=max_decode_batch)).start()
     try:
-        jobs = [engine.admit(Session(model, SessionConfig(fps=None), emit, session_id=f"s{i}")) for i in range(sessions)]
+        jobs = [engine.admit(Session(model, SessionConfig(fps=None), emit, session_id=f"s{i}"))
+                for i in range(sessions)]
         for job in jobs:
             for index, frame in enumerate(frames):
                 job.push_frame(index / 8, lambda frame=frame: frame)

@@ -393,7 +393,8 @@ def count_targets(facts: torch.Tensor, question: sw.Question, kept: VisualTokens
     weights = torch.zeros(len(kept))
     for object_id in question.object_ids:
         centres = facts[object_id, FACT_COUNT + frames:FACT_COUNT + 2 * frames]
-        shown = [question.frame_index] if question.frame_index is not None else torch.nonzero(centres >= 0)[:, 0].tolist()
+        shown = ([question.frame_index] if question.frame_index is not None
+                 else torch.nonzero(centres >= 0)[:, 0].tolist())
         token = None
         for frame in shown:
             hits = torch.nonzero(cell == frame * per_frame + int(centres[frame]))[:, 0]

@@ -130,7 +130,8 @@ def test_count_targets_weigh_one_token_per_counted_object_and_sum_to_the_count()
                     # its token: where it shows (its centre, or a token it covers) in its earliest
                     # kept frame, which is the question's frame if it names one
                     centres = facts[object_id, FACT_COUNT + 16:FACT_COUNT + 32].long()
-                    at_centre = (centres[kept.frame_index] >= 0) & (cells == kept.frame_index * 16 + centres[kept.frame_index])
+                    centre_at = centres[kept.frame_index]
+                    at_centre = (centre_at >= 0) & (cells == kept.frame_index * 16 + centre_at)
                     shows = ((present >> object_id) & 1).bool() | at_centre
                     if question.frame_index is not None:
                         shows &= kept.frame_index == question.frame_index
