@@ -72,9 +72,11 @@ def plot(summary: dict, path: Path) -> None:
         kept = entry["visual_tokens_kept"] / entry["visual_tokens_before"]
         by_method.setdefault(spec.split(":")[0], []).append((kept, 100 * entry["overall"]))
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    for method, points in sorted(by_method.items()):
+    colours, markers = plt.get_cmap("tab20").colors, "os^Dv<>ph*"
+    for i, (method, points) in enumerate(sorted(by_method.items())):  # a colour and a marker each
         points.sort()
-        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+        axes.plot([p[0] for p in points], [p[1] for p in points], marker=markers[i % len(markers)],
+                  color=colours[(2 * i) % 20 + (2 * i) // 20 % 2], label=method)
     first = next(iter(summary.values()))
     axes.axhline(100 * first["chance"], color="grey", linestyle=":", label="chance")
     axes.set_xscale("log")
