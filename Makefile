@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
 	$(BIN)/pip install --quiet -e ".[all,dev]"
+	@# The hub package `kernels` (transformers >= 5.25 needs it) shadows our kernels/ folder; a venv
+	@# that once had such a transformers keeps it after the pin in pyproject.toml brings 5.24 back.
+	$(BIN)/pip uninstall --yes --quiet kernels 2>/dev/null || true
 	touch $(STAMP)
 
 run: setup
