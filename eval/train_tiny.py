@@ -53,6 +53,15 @@ AUGMENTATIONS = (
     ("random:ratio=0.1", 1), ("avgpool:factor=2", 2), ("uniform:every=2", 2), ("random:per_frame=2", 1),
 )
 
+# Stage 3 (`train_robust`) draws heavy dropping twice as often: after stage 2, a quarter of the
+# tokens cost counting 17.5 points (run R: over-counting fragments of one object seen in several
+# frames, and start / end counts whose frame lost an object), and attribute 10.1.
+ROBUST_AUGMENTATIONS = (
+    ("none", 4), ("random:ratio=0.75", 1), ("random:ratio=0.5", 2), ("random:ratio=0.25", 4),
+    ("random:ratio=0.1", 2), ("avgpool:factor=2", 1), ("uniform:every=2", 1), ("random:per_frame=2", 1),
+)
+ROBUST_EVAL_SPEC = "random:ratio=0.25"  # stage 3 also validates under it
+
 # The QA curriculum: (steps, frames kept per clip) before whole clips. Reading one object among
 # 256 tokens does not start from scratch: the head that finds it and the words that name it have
 # to form together, and with many tokens in view neither gets a gradient (measured on a synthetic
@@ -83,12 +92,16 @@ class TrainConfig:
     readout_weight: float = 1.0  # on ObjectReadout (the object head's output names its object's facts); 0: off
     count_weight: float = 1.0  # on the count head (COUNT_HEAD: the sink and one token per counted object); 0: off
     curriculum: tuple = CURRICULUM  # (steps, frames) before whole clips; counted in qa_steps
+    robust_steps: int = 0  # stage 3 (train_robust), off in the shipped recipe: runs S and T (docs/TRAINING.md) used 1500
+    robust_lr: float = 5e-4
+    identity_weight: float = 1.0  # stage 3: on the identity head (IDENTITY_HEAD, `identity_targets`); 0: off
     seed: int = 0
     eval_every: int = 500  # QA steps between validation passes (and checkpoints)
     eval_clips: int = 120
     device: str = "cpu"
     workers: int = 1  # processes that render clips beside the training loop (0: render inline)
     perception_from: str | None = None  # a model folder whose tower (stage 1 of this recipe) is reused
+    qa_from: str | None = None  # a model folder that stages 1-2 of this recipe trained: only stage 3 runs
     place_scale: float | None = None  # the projector's row/column amplitude; None: the preset's (VLMConfig)
     time_scale: float | None = None  # the projector's frame amplitude; None: the preset's
     pool_cache: str | None = None  # a folder where encoded clip pools are kept and reused (encode_pool_cached)
@@ -376,15 +389,18 @@ def readout_targets(facts: torch.Tensor, question: sw.Question, kept: VisualToke
 
 
 def count_targets(facts: torch.Tensor, question: sw.Question, kept: VisualTokens,
-                  present: torch.Tensor | None = None) -> torch.Tensor | None:
+                  present: torch.Tensor | None = None, nearby: bool = False) -> torch.Tensor | None:
     """[len(kept)] float for a counting question: per kept token, how many counted objects it
     stands for; it sums to the count. An object's token is the one holding its centre in the
     frame the question names, else in the first frame it is present (where the tower marks it
     new). Where a compressor dropped that token, and `present` (`token_owners` of `kept`) is
     given, it is the object's first kept token in that frame, else the same in its next frames:
     a model that only counts whole clips breaks under random dropping (13 points lost at 50%
-    kept, run Q). Two centres can share a 32 px token. None for other questions, or when one
-    counted object has no kept token left (the count head is then not taught)."""
+    kept, run Q). Two centres can share a 32 px token. With `nearby` (and `present`), an object of a
+    question that names a frame and has no kept token there is counted at its kept token in the
+    nearest frame that has one (stage 3, `train_robust`: the model learns to count the start or
+    end from the frames beside it). None for other questions, or when one counted object has no
+    kept token left (the count head is then not taught)."""
     if question.type != "counting":
         return None
     frames = fact_frames(facts)
@@ -393,11 +409,16 @@ def count_targets(facts: torch.Tensor, question: sw.Question, kept: VisualTokens
     weights = torch.zeros(len(kept))
     for object_id in question.object_ids:
         centres = facts[object_id, FACT_COUNT + frames:FACT_COUNT + 2 * frames]
-        shown = ([question.frame_index] if question.frame_index is not None
-                 else torch.nonzero(centres >= 0)[:, 0].tolist())
+        if question.frame_index is None:
+            shown = torch.nonzero(centres >= 0)[:, 0].tolist()
+        elif nearby and present is not None:
+            shown = sorted(range(frames), key=lambda frame: abs(frame - question.frame_index))
+        else:
+            shown = [question.frame_index]
         token = None
         for frame in shown:
-            hits = torch.nonzero(cell == frame * per_frame + int(centres[frame]))[:, 0]
+            centre = int(centres[frame])  # -1 where the object is absent (a nearby frame)
+            hits = torch.nonzero(cell == frame * per_frame + centre)[:, 0] if centre >= 0 else cell[:0]
             if len(hits) == 0 and present is not None:
                 hits = torch.nonzero((((present >> object_id) & 1) != 0) & (frame_of == frame))[:, 0]
             if len(hits):
@@ -409,6 +430,45 @@ def count_targets(facts: torch.Tensor, question: sw.Question, kept: VisualTokens
             return None
         weights[token] += 1
     return weights
+
+
+def object_reps(facts: torch.Tensor, kept: VisualTokens, present: torch.Tensor) -> torch.Tensor:
+    """[MAX_OBJECTS, T] long: the kept token that stands for each object in each frame, -1
+    where none does. It is the token holding the object's centre if that was kept, else the
+    first kept token that covers the object in that frame (`present`, `token_owners` of
+    `kept`): the rule `count_targets` picks an object's token by."""
+    frames = fact_frames(facts)
+    per_frame = kept.grid_thw[1] * kept.grid_thw[2]
+    cell, frame_of = kept_cells(kept), kept.frame_index.cpu()
+    reps = torch.full((facts.shape[0], frames), -1, dtype=torch.long)
+    for object_id in range(facts.shape[0]):
+        covers = ((present >> object_id) & 1) != 0
+        for frame in torch.nonzero(facts[object_id, FACT_COUNT + frames:FACT_COUNT + 2 * frames] >= 0)[:, 0].tolist():
+            centre = frame * per_frame + int(facts[object_id, FACT_COUNT + frames + frame])
+            hits = torch.nonzero(cell == centre)[:, 0]
+            if len(hits) == 0:
+                hits = torch.nonzero(covers & (frame_of == frame))[:, 0]
+            if len(hits):
+                reps[object_id, frame] = hits[0]
+    return reps
+
+
+def identity_targets(facts: torch.Tensor, kept: VisualTokens, present: torch.Tensor) -> torch.Tensor:
+    """[len(kept), 1 + len(kept)] bool: what the identity head (IDENTITY_HEAD) of each kept token
+    that stands for an object (`object_reps`) is taught to attend to. Column 0 is the sink:
+    the token is the first to stand for one of its objects. Otherwise columns 1 + j, the
+    earlier kept tokens j that stand for its objects: it has been seen before. Rows of
+    tokens that stand for no object are all False (not taught)."""
+    reps = object_reps(facts, kept, present)
+    targets = torch.zeros(len(kept), 1 + len(kept), dtype=torch.bool)
+    for token in torch.unique(reps[reps >= 0]).tolist():
+        objects, frames = torch.nonzero(reps == token, as_tuple=True)
+        earlier = [reps[o, :f][reps[o, :f] >= 0] for o, f in zip(objects.tolist(), frames.tolist())]
+        if any(len(seen) == 0 for seen in earlier):
+            targets[token, 0] = True
+        else:
+            targets[token, 1 + torch.cat(earlier)] = True
+    return targets
 
 
 def order_is_kept(question: sw.Question, kept: VisualTokens, present: torch.Tensor) -> bool:
@@ -497,7 +557,8 @@ def encode_pool_cached(model: VLM, split: str, first_index: int, clips: int, poo
 
 
 def packed_from_pool(model: VLM, pool: ClipPool, index: int, spec: CompressorSpec, seed: int,
-                     frames: int | None = None, *, every_question: bool = False) -> PackedClip | None:
+                     frames: int | None = None, *, every_question: bool = False,
+                     count_nearby: bool = False, identity: bool = False) -> PackedClip | None:
     """Clip `index` of the pool through the projector and compressor `spec`, its questions packed.
 
     With `frames` (the QA curriculum, see CURRICULUM), only that many random frames of the clip
@@ -505,7 +566,8 @@ def packed_from_pool(model: VLM, pool: ClipPool, index: int, spec: CompressorSpe
     its frame among those kept, and its object visible in them. Either way a fine-detail
     question is asked only where the kept tokens show its dot (it flashes for 2-3 frames, so a
     question without it would teach a guess), and a temporal-order question only where they
-    show its order (`order_is_kept`), unless `every_question` (evaluation). None when no
+    show its order (`order_is_kept`), unless `every_question` (evaluation). `count_nearby`:
+    `count_targets(nearby=True)`; `identity`: the clip's `identity_targets` too. None when no
     question is left."""
     tokens = pool_tokens(model, pool, index)
     questions = pool.questions[index]
@@ -534,7 +596,9 @@ def packed_from_pool(model: VLM, pool: ClipPool, index: int, spec: CompressorSpe
     clip = pack_clip(model, kept, tokens.span_length, [q.text for q in questions], answers, masks, looks)
     if pool.facts is not None:
         clip.readout_targets = [readout_targets(pool.facts[index], q, kept) for q in questions]
-        clip.count_targets = [count_targets(pool.facts[index], q, kept, present) for q in questions]
+        clip.count_targets = [count_targets(pool.facts[index], q, kept, present, count_nearby) for q in questions]
+        if identity:
+            clip.identity_targets = identity_targets(pool.facts[index], kept, present)
     return clip
 
 
@@ -592,30 +656,65 @@ def qa_optimizer(model: VLM, lr: float, weight_decay: float = 0.01,
 
 
 def train_qa(model: VLM, config: TrainConfig, report: Callable[[str], None], pool=None,
-             checkpoint: Callable[[int], None] | None = None) -> None:
+             checkpoint: Callable[[int], None] | None = None) -> tuple[ClipPool, ClipPool]:
+    """Stage 2: projector and LM on the frozen tower; returns the (train, val) pools."""
+    train, val = encode_pools(model, config, report, pool)
+    qa_loop(model, config, train, val, stage="qa", steps=config.qa_steps, lr=config.qa_lr,
+            augmentations=AUGMENTATIONS, rng=random.Random(config.seed), curriculum=config.curriculum,
+            report=report, checkpoint=checkpoint)
+    return train, val
+
+
+def train_robust(model: VLM, config: TrainConfig, report: Callable[[str], None],
+                 pools: tuple[ClipPool, ClipPool], checkpoint: Callable[[int], None] | None = None) -> None:
+    """Stage 3: `config.robust_steps` more QA steps on whole clips, at a lower peak learning rate
+    with a fresh optimizer, drawing ROBUST_AUGMENTATIONS and teaching the count head from nearby
+    frames (`count_targets(nearby=True)`) and the identity head which earlier kept tokens show
+    the same object (`identity_targets`, at `config.identity_weight`). It starts only from
+    stage 2's weights and seeds its own draws, so it continues a run in memory or a saved
+    model (`--qa-from`) the same way."""
+    train, val = pools
+    qa_loop(model, config, train, val, stage="robust", steps=config.robust_steps, lr=config.robust_lr,
+            augmentations=ROBUST_AUGMENTATIONS, rng=random.Random(f"robust/{config.seed}"), curriculum=(),
+            count_nearby=True, identity_weight=config.identity_weight, extra_eval=ROBUST_EVAL_SPEC,
+            report=report, checkpoint=checkpoint)
+
+
+def encode_pools(model: VLM, config: TrainConfig, report: Callable[[str], None], pool=None) -> tuple[ClipPool, ClipPool]:
+    """The QA (train, val) pools through the frozen tower (`encode_pool_cached`)."""
     model.encoder.requires_grad_(False).eval()
     report(f"encoding {config.qa_pool_clips} training clips and {config.eval_clips} validation clips with the frozen tower")
     started = time.monotonic()
     train = encode_pool_cached(model, "train", QA_FIRST_CLIP, config.qa_pool_clips, pool, config.pool_cache)
     val = encode_pool_cached(model, "val", 0, config.eval_clips, pool, config.pool_cache)
     report(f"encoded in {time.monotonic() - started:.0f} s")
+    return train, val
+
+
+def qa_loop(model: VLM, config: TrainConfig, train: ClipPool, val: ClipPool, *, stage: str, steps: int, lr: float,
+            augmentations: tuple, rng: random.Random, curriculum: tuple, report: Callable[[str], None],
+            checkpoint: Callable[[int], None] | None = None, count_nearby: bool = False,
+            identity_weight: float = 0.0, extra_eval: str | None = None) -> None:
+    """`steps` AdamW steps (warm-up, cosine to 5% of `lr`) on packed clips of `train`, each
+    through a compressor drawn from `augmentations`; validation on `val` every
+    `config.eval_every` steps (also under `extra_eval`, a compressor spec, if given)."""
     readout = None
     if config.binding and config.readout_weight > 0:
         torch.manual_seed(config.seed)  # the same init whether stage 1 ran here or --perception-from
         readout = ObjectReadout(binding_attention(model).head_dim).to(config.device)
-    optimizer, params = qa_optimizer(model, config.qa_lr, config.weight_decay, readout)
-    specs = [parse_spec(text) for text, _ in AUGMENTATIONS]
-    weights = [weight for _, weight in AUGMENTATIONS]
-    rng = random.Random(config.seed)
+    optimizer, params = qa_optimizer(model, lr, config.weight_decay, readout)
+    specs = [parse_spec(text) for text, _ in augmentations]
+    weights = [weight for _, weight in augmentations]
     order: list[int] = []
     seen = 0
     model.lm.train()
-    for step in range(1, config.qa_steps + 1):
+    for step in range(1, steps + 1):
         while len(order) < config.qa_clips_per_step:  # epochs over the pool, each in a fresh order
             order += rng.sample(range(len(train)), len(train))
         chosen, order = order[:config.qa_clips_per_step], order[config.qa_clips_per_step:]
-        frames = frames_at(config.curriculum, step)
-        packed = [packed_from_pool(model, train, i, rng.choices(specs, weights)[0], rng.randrange(1 << 30), frames)
+        frames = frames_at(curriculum, step)
+        packed = [packed_from_pool(model, train, i, rng.choices(specs, weights)[0], rng.randrange(1 << 30), frames,
+                                   count_nearby=count_nearby, identity=identity_weight > 0)
                   for i in chosen]
         packed = [clip for clip in packed if clip is not None]
         seen += sum(len(clip.first_answer_at) for clip in packed)
@@ -623,21 +722,23 @@ def train_qa(model: VLM, config: TrainConfig, report: Callable[[str], None], poo
         loss, accuracy = packed_answer_loss(model, packed, binding=config.binding, look_weight=config.look_weight,
                                             query_weight=config.query_weight, readout=readout,
                                             readout_weight=config.readout_weight, count_weight=config.count_weight,
-                                            parts=parts)
-        optimizer_step(optimizer, params, loss, config.qa_lr, step / config.qa_steps)
+                                            identity_weight=identity_weight, parts=parts)
+        optimizer_step(optimizer, params, loss, lr, step / steps)
         if step % 25 == 0:
             epoch = step * config.qa_clips_per_step / len(train)
-            report(f"qa step {step}/{config.qa_steps} frames {frames or 'all'} epoch {epoch:.2f} "
+            report(f"{stage} step {step}/{steps} frames {frames or 'all'} epoch {epoch:.2f} "
                    f"questions {seen} loss {loss.item():.3f} first-token acc {accuracy:.3f} "
                    + " ".join(f"{kind} {value:.3f}" for kind, value in parts.items()))
-            config.log.append({"stage": "qa", "step": step, "questions": seen, "loss": loss.item(),
+            config.log.append({"stage": stage, "step": step, "questions": seen, "loss": loss.item(),
                                "train_acc": accuracy, **parts})
-        if step % config.eval_every == 0 or step == config.qa_steps:
+        if step % config.eval_every == 0 or step == steps:
             model.lm.eval()
             result = packed_eval(model, val)
+            if extra_eval is not None:
+                result[extra_eval] = packed_eval(model, val, extra_eval)
             model.lm.train()
-            report(f"qa eval at step {step}: {json.dumps(result)}")
-            config.log.append({"stage": "qa-eval", "step": step, **result})
+            report(f"{stage} eval at step {step}: {json.dumps(result)}")
+            config.log.append({"stage": f"{stage}-eval", "step": step, **result})
             if checkpoint is not None:
                 checkpoint(step)
     model.lm.eval()
@@ -694,6 +795,7 @@ class PackedClip:
     naming_targets: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     readout_targets: list[torch.Tensor | None] = field(default_factory=list)  # per question: see `readout_targets`
     count_targets: list[torch.Tensor | None] = field(default_factory=list)  # per question: see `count_targets`
+    identity_targets: torch.Tensor | None = None  # [visual, 1 + visual] bool: see `identity_targets`
 
 
 def pack_clip(model: VLM, kept: VisualTokens, span_length: int, questions: list[str],
@@ -731,7 +833,7 @@ def naming_token_ids(tokenizer) -> torch.Tensor:
 
 def packed_logits(model: VLM, clips: list[PackedClip], capture: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits [B, L, V] and labels [B, L] of a padded batch of packed clips. With `capture`,
-    the inputs of the attention of layers QUERY_LAYER and BINDING_LAYER (normed hidden
+    the inputs of the attention of layers QUERY_LAYER, BINDING_LAYER and IDENTITY_LAYER (normed hidden
     states, rotary cos and sin) are stored in it, `capture[layer] = (hidden, (cos, sin))`,
     for `binding_loss`."""
     longest = max(len(c.embeds) for c in clips)
@@ -756,7 +858,7 @@ def packed_logits(model: VLM, clips: list[PackedClip], capture: dict | None = No
                 hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
                 capture[layer] = (hidden, kwargs["position_embeddings"] if "position_embeddings" in kwargs else args[1])
             return keep_inputs
-        for layer in {QUERY_LAYER, BINDING_LAYER}:
+        for layer in {QUERY_LAYER, BINDING_LAYER, IDENTITY_LAYER}:
             handles.append(model.lm.model.layers[layer].self_attn.register_forward_pre_hook(keeper(layer),
                                                                                             with_kwargs=True))
     try:
@@ -812,6 +914,16 @@ def packed_logits(model: VLM, clips: list[PackedClip], capture: dict | None = No
 #   target) in the frame the question names, else in its first frame (a token holding two
 #   centres twice the weight); the readout also names the count from the head's output.
 #
+# - IDENTITY_HEAD of IDENTITY_LAYER (stage 3): the count head must find one token per object,
+#   and with every token kept the tower's `appears` mark says which (the object's token in its
+#   first frame). A compressor drops that token as often as any other; what is left is the
+#   same object in several frames, and run R over-counted it (at 25% kept, 16 of the 21 wrong
+#   counts where every counted object kept a token were too high). So at each kept token that
+#   stands for an object in its frame (`object_reps`), this head is taught to attend to the
+#   earlier kept tokens of the same object, or to the sink where there are none
+#   (`identity_targets`): the layer above then reads "first seen" from a head's output, as
+#   the count head needs. Objects differ in colour, shape or size, so the head can match them.
+#
 # The heads' weights and everything below them learn; at inference nothing changes (the
 # readout is a training-only head, not saved).
 
@@ -820,6 +932,7 @@ BINDING_WEIGHT = 4.0  # the object head; the look heads' weight is TrainConfig.l
 OBJECT_HEAD, FIRST_LOOK_HEAD, LAST_LOOK_HEAD = 0, 2, 3  # query heads; 2 and 3 share a KV head
 COUNT_HEAD = FIRST_LOOK_HEAD  # its own keys and values (not the object head's); so the look heads or it
 QUERY_LAYER, QUERY_HEAD = 0, 0  # the naming head; its weight is TrainConfig.query_weight
+IDENTITY_LAYER, IDENTITY_HEAD = 0, 2  # stage 3's identity head: its own KV head (the naming head's is 0)
 
 
 def binding_attention(model: VLM) -> nn.Module:
@@ -847,7 +960,7 @@ class ObjectReadout(nn.Module):
 
 def binding_loss(model: VLM, clips: list[PackedClip], capture: dict, looks: bool = True,
                  query: bool = False, readout: ObjectReadout | None = None,
-                 count: bool = False) -> dict[str, torch.Tensor]:
+                 count: bool = False, identity: bool = False) -> dict[str, torch.Tensor]:
     """{"object": ..., "look": ..., "query": ..., "readout": ...}: the mean over (question,
     supervised head) pairs with targets of -log(attention mass of the head on the target
     tokens). The object and look heads' softmax is taken over the clip's visual tokens, the
@@ -856,11 +969,13 @@ def binding_loss(model: VLM, clips: list[PackedClip], capture: dict, looks: bool
     for the questions with `readout_targets`. With `count`, "count": the count head's
     cross-entropy to the uniform distribution over the sink and `count_targets` (its softmax
     over the sink and the visual tokens), and with `readout` too, "count_readout": the
-    readout's cross-entropy naming the count from that head's output. A kind without
+    readout's cross-entropy naming the count from that head's output. With `identity`,
+    "identity": per kept token with `identity_targets`, -log(mass of the identity head on its
+    targets), its softmax over the sink and the visual tokens up to itself. A kind without
     targets in the batch (or "look" without `looks`, "query" without `query`) is left out."""
     attention = binding_attention(model)
     hidden, (cos, sin) = capture[BINDING_LAYER]  # [B, L, D], [B, L, hd] each
-    losses: dict[str, list[torch.Tensor]] = {"object": [], "look": [], "query": [], "count": []}
+    losses: dict[str, list[torch.Tensor]] = {"object": [], "look": [], "query": [], "count": [], "identity": []}
     outputs, facts, count_outputs, counts = [], [], [], []
     for row, clip in enumerate(clips):
         start, end = clip.visual_span
@@ -900,6 +1015,22 @@ def binding_loss(model: VLM, clips: list[PackedClip], capture: dict, looks: bool
                 values = head_values(attention, COUNT_HEAD, hidden[row, keys])
                 count_outputs.append(scores.softmax(-1) @ values)
                 counts.append(on.sum(-1).long())
+    if identity:
+        own = model.lm.model.layers[IDENTITY_LAYER].self_attn
+        hidden, (cos, sin) = capture[IDENTITY_LAYER]
+        for row, clip in enumerate(clips):
+            start, end = clip.visual_span
+            if clip.identity_targets is None or start == 0:
+                continue
+            taught = torch.nonzero(clip.identity_targets.any(-1))[:, 0]
+            if len(taught) == 0:
+                continue
+            scores = head_scores(own, IDENTITY_HEAD, hidden[row], cos[row], sin[row],
+                                 (start + taught).to(hidden.device), slice(start - 1, end))  # [Q, 1 + V]
+            causal = torch.arange(1 + end - start)[None, :] <= taught[:, None] + 1  # the sink, tokens up to itself
+            scores = scores.masked_fill(~causal.to(hidden.device), float("-inf"))
+            on = clip.identity_targets[taught].to(hidden.device)
+            losses["identity"].append(scores.logsumexp(-1) - scores.masked_fill(~on, float("-inf")).logsumexp(-1))
     if query:
         naming = model.lm.model.layers[QUERY_LAYER].self_attn
         hidden, (cos, sin) = capture[QUERY_LAYER]
@@ -984,13 +1115,14 @@ def look_masks(kept: VisualTokens, owners: torch.Tensor,
 
 def packed_answer_loss(model: VLM, clips: list[PackedClip], binding: bool = False, look_weight: float = 0.0,
                        query_weight: float = 0.0, readout: ObjectReadout | None = None, readout_weight: float = 0.0,
-                       count_weight: float = 0.0, parts: dict | None = None) -> tuple[torch.Tensor, float]:
+                       count_weight: float = 0.0, identity_weight: float = 0.0,
+                       parts: dict | None = None) -> tuple[torch.Tensor, float]:
     """Cross-entropy over every answer token of a batch of packed clips (same mean as
     `answer_loss`), plus, when `binding`, the object head's term (BINDING_WEIGHT) and, when
     `look_weight` / `query_weight` > 0, the look heads' / the naming head's term at that
-    weight, `readout`'s at `readout_weight` and the count head's at `count_weight` (its
-    readout at `readout_weight`). `parts`, if given, receives each term's value (nats,
-    unweighted)."""
+    weight, `readout`'s at `readout_weight`, the count head's at `count_weight` (its readout
+    at `readout_weight`) and the identity head's at `identity_weight`. `parts`, if given,
+    receives each term's value (nats, unweighted)."""
     if look_weight > 0 and count_weight > 0:
         raise ValueError("the look heads and the count head are the same heads of BINDING_LAYER: weight one of them")
     capture = {} if binding else None
@@ -1000,9 +1132,10 @@ def packed_answer_loss(model: VLM, clips: list[PackedClip], binding: bool = Fals
         parts["answer"] = loss.item()
     if binding:
         weights = {"object": BINDING_WEIGHT, "look": look_weight, "query": query_weight, "readout": readout_weight,
-                   "count": count_weight, "count_readout": readout_weight}
+                   "count": count_weight, "count_readout": readout_weight, "identity": identity_weight}
         terms = binding_loss(model, clips, capture, looks=look_weight > 0, query=query_weight > 0,
-                             readout=readout if readout_weight > 0 else None, count=count_weight > 0)
+                             readout=readout if readout_weight > 0 else None, count=count_weight > 0,
+                             identity=identity_weight > 0)
         for kind, extra in terms.items():
             loss = loss + weights[kind] * extra
             if parts is not None:
@@ -1076,29 +1209,41 @@ def train_tiny(out: Path, config: TrainConfig, report: Callable[[str], None] = p
     with worker_pool(config.workers) as pool:
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
-        if config.perception_from:
+        if config.qa_from:
+            model = VLM.from_pretrained(config.qa_from, device=config.device)
+        elif config.perception_from:
             model = model_on_tower(config.perception_from, config.seed, config.place_scale, config.time_scale)
             model = model.to(config.device)
         else:
             model = new_model(config.seed, config.place_scale, config.time_scale).to(config.device)
+        done = {"qa": 0 if not config.qa_from else config.qa_steps, "robust": 0}
 
-        def save(qa_step: int) -> None:
+        def save(stage: str, step: int) -> None:
+            done[stage] = step
             model.config.trained = True
             model.config.notes = {
                 "trained_by": "vidsieve train tiny",
                 "train_config": {k: v for k, v in asdict(config).items() if k != "log"},
-                "qa_steps_done": qa_step, "train_minutes": round((time.monotonic() - started) / 60, 1)}
+                "qa_steps_done": done["qa"], "robust_steps_done": done["robust"],
+                "train_minutes": round((time.monotonic() - started) / 60, 1)}
             model.save_pretrained(out)
             (out / "training_log.json").write_text(json.dumps(config.log, indent=1))
-            report(f"checkpoint after qa step {qa_step} saved to {out}")
+            report(f"checkpoint after {stage} step {step} saved to {out}")
 
-        if config.perception_from:
-            report(f"stage 1: the tower of {config.perception_from} (trained by this recipe's stage 1)")
+        if config.qa_from:
+            report(f"stages 1-2: the model of {config.qa_from} (trained by this recipe's stages 1 and 2)")
+            pools = encode_pools(model, config, report, pool)
         else:
-            report(f"stage 1: perception pretraining, {config.perception_steps} steps on {config.device}")
-            train_perception(model, config, report, pool)
-        report(f"stage 2: question answering, {config.qa_steps} steps")
-        train_qa(model, config, report, pool, checkpoint=save)
+            if config.perception_from:
+                report(f"stage 1: the tower of {config.perception_from} (trained by this recipe's stage 1)")
+            else:
+                report(f"stage 1: perception pretraining, {config.perception_steps} steps on {config.device}")
+                train_perception(model, config, report, pool)
+            report(f"stage 2: question answering, {config.qa_steps} steps")
+            pools = train_qa(model, config, report, pool, checkpoint=lambda step: save("qa", step))
+        if config.robust_steps > 0:
+            report(f"stage 3: robustness, {config.robust_steps} steps")
+            train_robust(model, config, report, pools, checkpoint=lambda step: save("robust", step))
     model.eval()
     report(f"done in {(time.monotonic() - started) / 60:.1f} min")
     return model
