@@ -11,7 +11,8 @@ Manifests in three layouts load into one `QAItem` list:
 
 Each video is decoded and encoded once; every compressor spec then answers every question
 about it from the same visual tokens, so accuracy and prefill time are compared on equal
-inputs in one run. The chosen option is extracted from free text (`extract_choice`).
+inputs in one run. The chosen option is extracted from free text (`extract_choice`). A
+compressor that draws (`random`) draws with each video's own seed (`clip_seed`).
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import json
 import re
 import statistics
 import time
+import zlib
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -175,6 +177,14 @@ class SpecResult:
         return self.correct[kind] / max(1, self.total[kind])
 
 
+def clip_seed(video: Path) -> int:
+    """The compression seed of one video: a hash of its file name. A compressor that draws
+    (`random`) then keeps another subset in every clip, as it does for a user's videos, and
+    the same one on every rerun. One seed for every clip would keep the same token positions
+    in all of them, and the benchmark would score that one mask, not the method."""
+    return zlib.crc32(Path(video).name.encode()) & 0x7FFFFFFF
+
+
 def run_accuracy(model, items: list[QAItem], specs: list[str], *, plan: SamplingPlan | None = None,
                  with_options: bool = False, max_new_tokens: int = 32, reuse: ReuseSpec = ReuseSpec(),
                  progress=None) -> dict[str, SpecResult]:
@@ -196,16 +206,17 @@ def run_accuracy(model, items: list[QAItem], specs: list[str], *, plan: Sampling
         encoder = (PatchReuseEncoder(model.encoder, threshold=reuse.threshold, refresh_every=reuse.refresh_every)
                    if reuse.patches else None)
         tokens = model.encode_frames(np.stack([f.rgb for f in clip]), [f.timestamp_s for f in clip], encoder)
-        prefilled = {spec.text: model.prefill_video(tokens, spec) for spec in parsed
+        seeded = replace(sampling, seed=clip_seed(video))
+        prefilled = {spec.text: model.prefill_video(tokens, spec, seed=seeded.seed) for spec in parsed
                      if reuse.kv and model.shares_video_kv(spec)}
         for item in video_items:
             prompt = options_prompt(item) if with_options else item.question
             for spec in parsed:
                 timings: dict = {}
                 if spec.text in prefilled:
-                    answer = answer_from(model, prefilled[spec.text], prompt, sampling, timings)
+                    answer = answer_from(model, prefilled[spec.text], prompt, seeded, timings)
                 else:
-                    answer = model.answer_tokens(tokens, prompt, spec, sampling, timings)
+                    answer = model.answer_tokens(tokens, prompt, spec, seeded, timings)
                 result = results[spec.text]
                 chosen = extract_choice(answer.text, item.candidates)
                 result.correct[item.type] += int(chosen == item.answer_index)

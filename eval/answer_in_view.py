@@ -15,8 +15,8 @@ kept still show its answer, with the rules training uses (`eval.train_tiny`):
 - the rest: the object covered by a kept token (in the frame the question names, if any).
 
 Then it reports, per type and for each side, how many questions, and their accuracy with the
-compressor and with `none` (the same questions). Clips are compressed with seed 0, as
-`vidsieve bench accuracy --reuse kv` does.
+compressor and with `none` (the same questions). Each clip is compressed with its own seed
+(`eval.accuracy.clip_seed`), as `vidsieve bench accuracy` does.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 
 from compressors import CompressionContext, VisualTokens, parse_spec
 from eval import shapesworld as sw
-from eval.accuracy import extract_choice
+from eval.accuracy import clip_seed, extract_choice
 from eval.train_tiny import (binding_masks, count_targets, dot_is_kept, object_facts, order_is_kept, render_clip,
                              token_owners)
 from streaming import SamplingPlan, open_video
@@ -67,9 +67,9 @@ def breakdown(model: VLM, manifest: Path, spec_text: str) -> dict:
         facts = torch.as_tensor(object_facts(scene, block_px))
         frames = open_video(manifest.parent / video, SamplingPlan(num_frames=model.config.num_frames)).read_all()
         tokens = model.encode_frames(np.stack([f.rgb for f in frames]), [f.timestamp_s for f in frames])
-        context = CompressionContext(question="", budget=spec.budget, seed=0, model=model)
-        kept = spec.compressor.compress(tokens, context)
-        prefilled = {"spec": model.prefill_video(tokens, spec), "none": model.prefill_video(tokens, baseline)}
+        seed = clip_seed(manifest.parent / video)
+        kept = spec.compressor.compress(tokens, CompressionContext(question="", budget=spec.budget, seed=seed, model=model))
+        prefilled = {"spec": model.prefill_video(tokens, spec, seed=seed), "none": model.prefill_video(tokens, baseline)}
         for row in clip_rows:
             question = next(q for q in questions if q.text == row["question"])
             side = "shown" if answer_shown(question, kept, owners, facts) else "hidden"

@@ -1,10 +1,11 @@
 """The accuracy harness: option extraction, the three manifest layouts, and a full run."""
 
 import json
+from pathlib import Path
 
 import pytest
 
-from eval.accuracy import (ManifestError, QAItem, extract_choice, load_manifest, markdown_table, run_accuracy,
+from eval.accuracy import (ManifestError, QAItem, clip_seed, extract_choice, load_manifest, markdown_table, run_accuracy,
                            summarise)
 from eval.public_formats import write_mvbench, write_videomme
 from eval.shapesworld import write_split
@@ -101,3 +102,24 @@ def test_kv_and_patch_reuse_give_the_same_accuracy_as_recomputing(shapesworld_ma
     assert set(reused) == set(plain) and len(plain) == 3
     for spec in plain:
         assert reused[spec]["per_type"] == plain[spec]["per_type"]
+
+
+def test_each_video_is_compressed_with_its_own_seed_on_every_path(shapesworld_manifest):
+    """`random` draws another subset in every clip (one seed for all would score one mask),
+    the same one on a rerun, with and without reused KV."""
+    from vlm.reuse import ReuseSpec
+
+    model = VLM.from_config(VLMConfig.from_name("vidsieve-tiny"))
+    items = load_manifest(shapesworld_manifest)  # 3 clips
+    seen: dict = {"prefill": [], "answer": []}
+    prefill, answer = model.prefill_video, model.answer_tokens
+    model.prefill_video = lambda tokens, spec="none", *, seed=0: seen["prefill"].append(seed) or prefill(tokens, spec, seed=seed)
+    model.answer_tokens = lambda tokens, q, spec, sampling, timings: (seen["answer"].append(sampling.seed)
+                                                                      or answer(tokens, q, spec, sampling, timings))
+    run_accuracy(model, items, ["random:ratio=0.5"], max_new_tokens=1, reuse=ReuseSpec(kv=True))
+    run_accuracy(model, items, ["random:ratio=0.5"], max_new_tokens=1)
+    videos = list(dict.fromkeys(item.video for item in items))
+    assert len(videos) >= 2 and len({clip_seed(video) for video in videos}) == len(videos)
+    assert seen["prefill"] == [clip_seed(video) for video in videos]
+    assert seen["answer"] == [clip_seed(item.video) for item in items]
+    assert clip_seed(videos[0]) == clip_seed(Path("elsewhere") / videos[0].name)  # the name, not the folder
