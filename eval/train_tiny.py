@@ -61,6 +61,11 @@ ROBUST_AUGMENTATIONS = (
     ("random:ratio=0.1", 2), ("avgpool:factor=2", 1), ("uniform:every=2", 1), ("random:per_frame=2", 1),
 )
 ROBUST_EVAL_SPEC = "random:ratio=0.25"  # stage 3 also validates under it
+# ...and does not teach temporal order: under heavy dropping the order is often out of view, and
+# run S, which taught it where the kept tokens still showed it, learnt to answer by elimination
+# (`uniform:every=4`, the questions whose order frames 0, 4, 8, 12 do not show: 54% -> 65%,
+# chance 47%), the guess the benchmark is there to catch.
+ROBUST_SKIP_TYPES = frozenset({"temporal_order"})
 
 # The QA curriculum: (steps, frames kept per clip) before whole clips. Reading one object among
 # 256 tokens does not start from scratch: the head that finds it and the words that name it have
@@ -558,7 +563,8 @@ def encode_pool_cached(model: VLM, split: str, first_index: int, clips: int, poo
 
 def packed_from_pool(model: VLM, pool: ClipPool, index: int, spec: CompressorSpec, seed: int,
                      frames: int | None = None, *, every_question: bool = False,
-                     count_nearby: bool = False, identity: bool = False) -> PackedClip | None:
+                     count_nearby: bool = False, identity: bool = False,
+                     skip_types: frozenset = frozenset()) -> PackedClip | None:
     """Clip `index` of the pool through the projector and compressor `spec`, its questions packed.
 
     With `frames` (the QA curriculum, see CURRICULUM), only that many random frames of the clip
@@ -567,8 +573,8 @@ def packed_from_pool(model: VLM, pool: ClipPool, index: int, spec: CompressorSpe
     question is asked only where the kept tokens show its dot (it flashes for 2-3 frames, so a
     question without it would teach a guess), and a temporal-order question only where they
     show its order (`order_is_kept`), unless `every_question` (evaluation). `count_nearby`:
-    `count_targets(nearby=True)`; `identity`: the clip's `identity_targets` too. None when no
-    question is left."""
+    `count_targets(nearby=True)`; `identity`: the clip's `identity_targets` too; questions of
+    `skip_types` are not asked. None when no question is left."""
     tokens = pool_tokens(model, pool, index)
     questions = pool.questions[index]
     cut = frames is not None and frames < tokens.num_frames
@@ -583,7 +589,7 @@ def packed_from_pool(model: VLM, pool: ClipPool, index: int, spec: CompressorSpe
     facts = pool.facts[index] if pool.facts is not None else None
     present = token_owners(kept, pool.owners[index])
     answerable = [i for i, (q, m) in enumerate(zip(questions, masks))
-                  if (not cut or (q.type in local and bool(m.any())))
+                  if q.type not in skip_types and (not cut or (q.type in local and bool(m.any())))
                   and (every_question or q.type != "fine_detail" or facts is None
                        or dot_is_kept(facts, q.object_ids[0], kept))
                   and (every_question or q.type != "temporal_order" or order_is_kept(q, kept, present))]
@@ -676,8 +682,8 @@ def train_robust(model: VLM, config: TrainConfig, report: Callable[[str], None],
     train, val = pools
     qa_loop(model, config, train, val, stage="robust", steps=config.robust_steps, lr=config.robust_lr,
             augmentations=ROBUST_AUGMENTATIONS, rng=random.Random(f"robust/{config.seed}"), curriculum=(),
-            count_nearby=True, identity_weight=config.identity_weight, extra_eval=ROBUST_EVAL_SPEC,
-            report=report, checkpoint=checkpoint)
+            count_nearby=True, identity_weight=config.identity_weight, skip_types=ROBUST_SKIP_TYPES,
+            extra_eval=ROBUST_EVAL_SPEC, report=report, checkpoint=checkpoint)
 
 
 def encode_pools(model: VLM, config: TrainConfig, report: Callable[[str], None], pool=None) -> tuple[ClipPool, ClipPool]:
@@ -694,7 +700,8 @@ def encode_pools(model: VLM, config: TrainConfig, report: Callable[[str], None],
 def qa_loop(model: VLM, config: TrainConfig, train: ClipPool, val: ClipPool, *, stage: str, steps: int, lr: float,
             augmentations: tuple, rng: random.Random, curriculum: tuple, report: Callable[[str], None],
             checkpoint: Callable[[int], None] | None = None, count_nearby: bool = False,
-            identity_weight: float = 0.0, extra_eval: str | None = None) -> None:
+            identity_weight: float = 0.0, skip_types: frozenset = frozenset(),
+            extra_eval: str | None = None) -> None:
     """`steps` AdamW steps (warm-up, cosine to 5% of `lr`) on packed clips of `train`, each
     through a compressor drawn from `augmentations`; validation on `val` every
     `config.eval_every` steps (also under `extra_eval`, a compressor spec, if given)."""
@@ -714,7 +721,7 @@ def qa_loop(model: VLM, config: TrainConfig, train: ClipPool, val: ClipPool, *, 
         chosen, order = order[:config.qa_clips_per_step], order[config.qa_clips_per_step:]
         frames = frames_at(curriculum, step)
         packed = [packed_from_pool(model, train, i, rng.choices(specs, weights)[0], rng.randrange(1 << 30), frames,
-                                   count_nearby=count_nearby, identity=identity_weight > 0)
+                                   count_nearby=count_nearby, identity=identity_weight > 0, skip_types=skip_types)
                   for i in chosen]
         packed = [clip for clip in packed if clip is not None]
         seen += sum(len(clip.first_answer_at) for clip in packed)
