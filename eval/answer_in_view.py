@@ -15,7 +15,10 @@ kept still show its answer, with the rules training uses (`eval.train_tiny`):
 - the rest: the object covered by a kept token (in the frame the question names, if any).
 
 Then it reports, per type and for each side, how many questions, and their accuracy with the
-compressor and with `none` (the same questions). Each clip is compressed with its own seed
+compressor and with `none` (the same questions).
+
+`--counting-ceiling` also scores a perfect counter of the kept tokens (`counting_ceiling`): the
+most a model can get right on counting questions from what a compressor left. Each clip is compressed with its own seed
 (`eval.accuracy.clip_seed`), as `vidsieve bench accuracy` does.
 """
 
@@ -32,8 +35,8 @@ import torch
 from compressors import CompressionContext, VisualTokens, parse_spec
 from eval import shapesworld as sw
 from eval.accuracy import clip_seed, extract_choice
-from eval.train_tiny import (binding_masks, count_targets, dot_is_kept, object_facts, order_is_kept, render_clip,
-                             token_owners)
+from eval.train_tiny import (FACT_COUNT, binding_masks, count_targets, dot_is_kept, kept_cells, object_facts,
+                             order_is_kept, render_clip, token_owners)
 from streaming import SamplingPlan, open_video
 from vlm.model import VLM
 
@@ -50,25 +53,31 @@ def answer_shown(question: sw.Question, kept: VisualTokens, owners: torch.Tensor
     return bool(binding_masks(kept, owners, [question])[0].any())
 
 
+def kept_of_clip(model: VLM, manifest: Path, row: dict, spec) -> tuple:
+    """The scene, questions, token owners, object facts and tokens of the clip of manifest row
+    `row`, and the tokens `spec` keeps of it (with the clip's seed, as the harness compresses)."""
+    video = row["video"]
+    scene, questions = sw.scene_and_questions(row["split"], row["index"])
+    block_px = model.encoder.patch_size * model.projector.merge
+    _, _, owners = render_clip(row["split"], row["index"], block_px)
+    facts = torch.as_tensor(object_facts(scene, block_px))
+    frames = open_video(manifest.parent / video, SamplingPlan(num_frames=model.config.num_frames)).read_all()
+    tokens = model.encode_frames(np.stack([f.rgb for f in frames]), [f.timestamp_s for f in frames])
+    seed = clip_seed(manifest.parent / video)
+    kept = spec.compressor.compress(tokens, CompressionContext(question="", budget=spec.budget, seed=seed, model=model))
+    return scene, questions, torch.as_tensor(owners), facts, tokens, kept, seed
+
+
 def breakdown(model: VLM, manifest: Path, spec_text: str) -> dict:
     """{type: {"shown" | "hidden": {"questions", "correct", "correct_none"}}} over a ShapesWorld manifest."""
     spec, baseline = parse_spec(spec_text), parse_spec("none")
     rows = json.loads(manifest.read_text())
-    block_px = model.encoder.patch_size * model.projector.merge
     sampling = model.default_sampling(8)
     table: dict = defaultdict(lambda: {side: {"questions": 0, "correct": 0, "correct_none": 0}
                                        for side in ("shown", "hidden")})
     for video in dict.fromkeys(row["video"] for row in rows):
         clip_rows = [row for row in rows if row["video"] == video]
-        split, index = clip_rows[0]["split"], clip_rows[0]["index"]
-        scene, questions = sw.scene_and_questions(split, index)
-        _, _, owners = render_clip(split, index, block_px)
-        owners = torch.as_tensor(owners)
-        facts = torch.as_tensor(object_facts(scene, block_px))
-        frames = open_video(manifest.parent / video, SamplingPlan(num_frames=model.config.num_frames)).read_all()
-        tokens = model.encode_frames(np.stack([f.rgb for f in frames]), [f.timestamp_s for f in frames])
-        seed = clip_seed(manifest.parent / video)
-        kept = spec.compressor.compress(tokens, CompressionContext(question="", budget=spec.budget, seed=seed, model=model))
+        _, questions, owners, facts, tokens, kept, seed = kept_of_clip(model, manifest, clip_rows[0], spec)
         prefilled = {"spec": model.prefill_video(tokens, spec, seed=seed), "none": model.prefill_video(tokens, baseline)}
         for row in clip_rows:
             question = next(q for q in questions if q.text == row["question"])
@@ -80,6 +89,72 @@ def breakdown(model: VLM, manifest: Path, spec_text: str) -> dict:
                 text = model.tokenizer.decode(ids, skip_special_tokens=True).strip()
                 cell[key] += int(extract_choice(text, row["candidates"]) == row["candidates"].index(row["answer"]))
     return dict(sorted(table.items()))
+
+
+COUNT_REACH = (0, 1, 2, 3)  # frames from the named one that a start / end count may look at
+
+
+def counted_filter(question: sw.Question) -> dict[str, str]:
+    """The attributes a counting question counts by ({} for "objects"), read back from its text
+    ("How many red objects ...", "How many circles ...", as the generator writes them)."""
+    plurals = {plural: shape for shape, plural in sw.SHAPE_PLURALS.items()}
+    words = question.text.rstrip("?").split()
+    found = {"shape": plurals[w] for w in words if w in plurals}
+    return found | {"colour": w for w in words if w in sw.COLOURS}
+
+
+def counting_ceiling(model: VLM, manifest: Path, spec_text: str) -> dict:
+    """How many counting questions a perfect counter of the kept tokens gets right.
+
+    It sees every object that a kept token covers (or holds the centre of), tells objects
+    apart without error, and answers "in the video" with the number of matching objects in
+    view anywhere. For "at the start / end" it counts the matching objects in view within
+    `reach` frames of the named one (an object that left the named frame's kept tokens may
+    show beside it), for each reach in COUNT_REACH. Returns {"video": {"questions",
+    "correct"}, "moment": {reach: correct, "questions": n}}."""
+    spec = parse_spec(spec_text)
+    rows = {row["video"]: row for row in json.loads(manifest.read_text())}  # one row per clip
+    video_right = video_total = moment_total = 0
+    moment_right = dict.fromkeys(COUNT_REACH, 0)
+    for row in rows.values():
+        scene, questions, owners, facts, _, kept, _ = kept_of_clip(model, manifest, row, spec)
+        per_frame = kept.grid_thw[1] * kept.grid_thw[2]
+        present, cells = token_owners(kept, owners), kept_cells(kept)
+        frames = scene.config.frame_count
+        for question in (q for q in questions if q.type == "counting"):
+            wanted = counted_filter(question)
+            matching = [o.object_id for o in scene.objects
+                        if all(getattr(o, name) == value for name, value in wanted.items())]
+            assert set(question.object_ids) <= set(matching), question.text
+            seen = []  # per matching object, the frames where a kept token shows it
+            for object_id in matching:
+                centres = facts[object_id, FACT_COUNT + frames:FACT_COUNT + 2 * frames].long()
+                at_centre = (centres[kept.frame_index] >= 0) & (cells == kept.frame_index * per_frame
+                                                                + centres[kept.frame_index])
+                seen.append(kept.frame_index[((present >> object_id) & 1).bool() | at_centre])
+            answer = len(question.object_ids)
+            if question.frame_index is None:
+                video_total += 1
+                video_right += sum(len(f) > 0 for f in seen) == answer
+                continue
+            moment_total += 1
+            for reach in COUNT_REACH:
+                near = sum(bool(((f - question.frame_index).abs() <= reach).any()) for f in seen)
+                moment_right[reach] += near == answer
+    return {"video": {"questions": video_total, "correct": video_right},
+            "moment": {"questions": moment_total, **moment_right}}
+
+
+def ceiling_markdown(spec_text: str, ceiling: dict) -> str:
+    video, moment = ceiling["video"], ceiling["moment"]
+    best = max(COUNT_REACH, key=lambda reach: moment[reach])
+    overall = (video["correct"] + moment[best]) / max(1, video["questions"] + moment["questions"])
+    cells = " | ".join(f"{100 * moment[reach] / max(1, moment['questions']):.1f}" for reach in COUNT_REACH)
+    return (f"`{spec_text}`: a perfect counter of the kept tokens, accuracy on counting questions\n\n"
+            f"| in the video ({video['questions']}) | "
+            + " | ".join(f"start / end, within {reach} frames ({moment['questions']})" for reach in COUNT_REACH)
+            + " | overall, best reach |\n|" + "---:|" * (len(COUNT_REACH) + 2) + "\n"
+            f"| {100 * video['correct'] / max(1, video['questions']):.1f} | {cells} | {100 * overall:.1f} |\n")
 
 
 def markdown(spec_text: str, table: dict) -> str:
@@ -106,6 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--count", type=int, default=200, help="clips")
     parser.add_argument("--data-dir", type=Path, default=Path("runs/shapesworld"))
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--counting-ceiling", action="store_true",
+                        help="also score a perfect counter of the kept tokens (counting_ceiling)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -113,6 +190,8 @@ def main(argv: list[str] | None = None) -> None:
     manifest = sw.cached_split(args.split, args.count, args.data_dir)
     for spec_text in args.spec:
         print(markdown(spec_text, breakdown(model, manifest, spec_text)), flush=True)
+        if args.counting_ceiling:
+            print(ceiling_markdown(spec_text, counting_ceiling(model, manifest, spec_text)), flush=True)
 
 
 if __name__ == "__main__":
