@@ -501,10 +501,13 @@ def test_fine_detail_and_temporal_order_are_asked_only_where_the_kept_tokens_sho
         lost = sum(not dot_is_kept(pool.facts[index], q.object_ids[0], kept) for q in fine)
         lost += sum(q.type == "temporal_order" and not order_is_kept(q, kept, present) for q in pool.questions[index])
         assert (0 if clip is None else len(clip.first_answer_at)) == len(pool.questions[index]) - lost
-        # stage 3 does not ask temporal order at all (ROBUST_SKIP_TYPES)
-        skipped = packed_from_pool(model, pool, index, uniform, seed=index, skip_types=frozenset({"temporal_order"}))
+        # stage 3 asks temporal order only where every token is kept (ROBUST_WHOLE_ONLY_TYPES)
+        whole_only = frozenset({"temporal_order"})
+        skipped = packed_from_pool(model, pool, index, uniform, seed=index, whole_only_types=whole_only)
         temporal = sum(q.type == "temporal_order" and order_is_kept(q, kept, present) for q in pool.questions[index])
         assert (0 if skipped is None else len(skipped.first_answer_at)) == len(pool.questions[index]) - lost - temporal
+        whole = packed_from_pool(model, pool, index, parse_spec("none"), seed=index, whole_only_types=whole_only)
+        assert len(whole.first_answer_at) == len(pool.questions[index])
         checked["temporal"] = checked.get("temporal", 0) + temporal
     assert min(checked.values()) >= 1
 
