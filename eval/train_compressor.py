@@ -43,7 +43,7 @@ class CompressorTrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.01
     seed: int = 0
-    max_steps: int | None = None  # stop after this many steps even with time left
+    max_steps: int | None = None  # a step-counted run: this many steps, the schedule over them (time is a cap)
     report_every: int = 25
     log: list = field(default_factory=list)
 
@@ -57,7 +57,9 @@ def train_compressor(
     folder: str | Path | None = None,
     report: Callable[[str], None] = print,
 ) -> Path:
-    """Train compressor `name` (a spec string's name or alias) for `minutes` of wall time.
+    """Train compressor `name` (a spec string's name or alias) for `minutes` of wall time, or,
+    with `config.max_steps`, for that many steps (the learning-rate schedule runs over the
+    steps, so the run is the same on a busy or an idle machine; `minutes` is then a cap).
 
     The model is frozen in place (requires_grad False, eval mode). `folder` is the model
     folder to save into (default: the folder the model was loaded from). Returns the path of
@@ -97,7 +99,9 @@ def train_compressor(
                 sequences.append((prompt, answer_ids))
         index += config.clips_per_step
         loss, accuracy = answer_loss(model, sequences)
-        optimizer_step(optimizer, parameters, loss, config.lr, 1 - (deadline - time.monotonic()) / total_s)
+        progress = ((step + 1) / config.max_steps if config.max_steps
+                    else 1 - (deadline - time.monotonic()) / total_s)
+        optimizer_step(optimizer, parameters, loss, config.lr, progress)
         step += 1
         config.log.append({"step": step, "clips": index, "loss": loss.item(), "train_acc": accuracy})
         if step % config.report_every == 0:

@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     compressor = trains.add_parser("compressor", help="a learned compressor (hicom, quecc) on the frozen model")
     compressor.add_argument("name", help="the compressor to train")
     compressor.add_argument("--model", default=DEFAULT_MODEL, help="folder of the frozen model (weights saved beside it)")
-    compressor.add_argument("--minutes", type=float, default=30.0)
+    compressor.add_argument("--minutes", type=float, help="wall-time length (default 30; with --steps: a cap, default none)")
+    compressor.add_argument("--steps", type=int, help="train this many steps, whatever the machine's speed")
     compressor.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     compressor.set_defaults(handler=run_train_compressor)
     tiny = trains.add_parser("tiny", help="vidsieve-tiny from scratch")
@@ -288,7 +289,11 @@ def run_train_compressor(args: argparse.Namespace) -> int:
     model = VLM.from_pretrained(args.model, device="cpu")
     if model.folder is None:
         raise VidsieveError(f"{args.model!r} has no folder to save compressor weights beside; train or save it first")
-    train_compressor(model, spec.name, args.minutes, report=lambda line: print(line, flush=True))
+    from eval.train_compressor import CompressorTrainConfig
+
+    minutes = args.minutes or (30.0 if args.steps is None else float("inf"))
+    train_compressor(model, spec.name, minutes, config=CompressorTrainConfig(max_steps=args.steps),
+                     report=lambda line: print(line, flush=True))
     return EXIT_OK
 
 

@@ -204,6 +204,8 @@ def test_training_steps_update_only_the_compressor_and_the_weights_reload(tiny_f
 
 
 def test_train_compressor_command_saves_weights_beside_the_model_and_refuses_untrainable(tmp_path, capsys):
+    from safetensors import safe_open
+
     from server.cli import main
     from vlm.model import VLM, VLMConfig
 
@@ -211,5 +213,27 @@ def test_train_compressor_command_saves_weights_beside_the_model_and_refuses_unt
     assert main(["train", "compressor", "single-token", "--model", str(tmp_path), "--minutes", "0.02"]) == 0
     assert (tmp_path / "compressors" / "quecc.safetensors").is_file()
     assert VLM.from_pretrained(tmp_path).compressor_state("quecc")
+    assert main(["train", "compressor", "hicom", "--model", str(tmp_path), "--steps", "2"]) == 0
+    assert safe_open(tmp_path / "compressors" / "hicom.safetensors", "pt").metadata()["steps"] == "2"
     assert main(["train", "compressor", "random", "--model", str(tmp_path)]) == 2
     assert "no weights to train" in capsys.readouterr().err
+
+
+def test_a_step_counted_run_gives_the_same_weights_however_long_its_steps_take(tiny_folder, tmp_path):
+    """--steps: the learning-rate schedule runs over the steps, not the clock, so a rerun on a
+    busy machine is the same run (the shipped compressors are trained that way)."""
+    import shutil
+    import time
+
+    weights = []
+    for run, pause in enumerate((0.0, 0.3)):
+        folder = tmp_path / f"run{run}"
+        shutil.copytree(tiny_folder, folder, ignore=shutil.ignore_patterns("compressors"))
+        model = VLM.from_pretrained(folder, device="cpu")
+        config = CompressorTrainConfig(clips_per_step=1, max_steps=3, lr=1e-2, report_every=1)
+        path = train_compressor(model, "quecc", minutes=float("inf"), config=config,
+                                report=lambda _: time.sleep(pause))
+        weights.append(VLM.from_pretrained(folder, device="cpu").compressor_state("quecc"))
+        assert path.is_file()
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
