@@ -15,11 +15,11 @@ kept still show its answer, with the rules training uses (`eval.train_tiny`):
 - the rest: the object covered by a kept token (in the frame the question names, if any).
 
 Then it reports, per type and for each side, how many questions, and their accuracy with the
-compressor and with `none` (the same questions).
+compressor and with `none` (the same questions). Each clip is compressed with its own seed
+(`eval.accuracy.clip_seed`), as `vidsieve bench accuracy` does.
 
 `--counting-ceiling` also scores a perfect counter of the kept tokens (`counting_ceiling`): the
-most a model can get right on counting questions from what a compressor left. Each clip is compressed with its own seed
-(`eval.accuracy.clip_seed`), as `vidsieve bench accuracy` does.
+most a model can get right on counting questions from what a compressor left.
 """
 
 from __future__ import annotations

@@ -277,9 +277,11 @@ def run_train(args: argparse.Namespace) -> int:
 def run_train_compressor(args: argparse.Namespace) -> int:
     import torch
 
-    from eval.train_compressor import train_compressor
+    from eval.train_compressor import CompressorTrainConfig, train_compressor
     from vlm.model import VLM
 
+    if args.steps is not None and args.steps < 1:
+        raise VidsieveError(f"--steps must be at least 1, got {args.steps}")
     if args.threads:
         torch.set_num_threads(args.threads)
     spec = parse_spec(args.name)
@@ -289,8 +291,6 @@ def run_train_compressor(args: argparse.Namespace) -> int:
     model = VLM.from_pretrained(args.model, device="cpu")
     if model.folder is None:
         raise VidsieveError(f"{args.model!r} has no folder to save compressor weights beside; train or save it first")
-    from eval.train_compressor import CompressorTrainConfig
-
     minutes = args.minutes or (30.0 if args.steps is None else float("inf"))
     train_compressor(model, spec.name, minutes, config=CompressorTrainConfig(max_steps=args.steps),
                      report=lambda line: print(line, flush=True))

@@ -215,6 +215,7 @@ def test_train_compressor_command_saves_weights_beside_the_model_and_refuses_unt
     assert VLM.from_pretrained(tmp_path).compressor_state("quecc")
     assert main(["train", "compressor", "hicom", "--model", str(tmp_path), "--steps", "2"]) == 0
     assert safe_open(tmp_path / "compressors" / "hicom.safetensors", "pt").metadata()["steps"] == "2"
+    assert main(["train", "compressor", "hicom", "--model", str(tmp_path), "--steps", "0"]) == 2
     assert main(["train", "compressor", "random", "--model", str(tmp_path)]) == 2
     assert "no weights to train" in capsys.readouterr().err
 
