@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--eval-every", type=int, help="QA steps between validation passes and checkpoints")
     tiny.add_argument("--perception-from", help="reuse the tower of a model folder trained by this recipe's stage 1")
     tiny.add_argument("--robust-steps", type=int,
-                      help="stage 3: QA steps with heavy token dropping after stage 2 (default: the recipe's; 0: off)")
+                      help="stage 3: QA steps with heavy token dropping after stage 2 (default 0: off; run V: 1500)")
     tiny.add_argument("--qa-from", help="start from a model folder trained by this recipe's stages 1-2: run stage 3 only")
     tiny.add_argument("--curriculum", type=parse_curriculum,
                       help="QA steps on clips cut to a few frames before whole clips, as STEPS:FRAMES,... "

@@ -628,7 +628,7 @@ def test_train_flags_become_the_config_a_checkpoint_records():
     stage3 = train_config(parser.parse_args(["train", "tiny", "--out", "x", "--qa-from", "runs/r", "--robust-steps",
                                              "10"]))
     assert (stage3.qa_from, stage3.robust_steps) == ("runs/r", 10)
-    assert TrainConfig().robust_steps > 0 and TrainConfig().qa_from is None  # the shipped recipe: stages 1-3
+    assert TrainConfig().robust_steps == 0 and TrainConfig().qa_from is None  # the shipped recipe (run R): stages 1-2
     looks = train_config(parser.parse_args(["train", "tiny", "--out", "x", "--look-weight", "1"]))
     assert looks.look_weight == 1.0 and looks.count_weight == 0.0  # the same heads: the look heads win
     json.dumps(asdict(config))  # saved beside every checkpoint (model.config.notes)
