@@ -635,9 +635,8 @@ def train_robust(model: VLM, config: TrainConfig, report: Callable[[str], None],
     """Stage 3: `config.robust_steps` more QA steps on whole clips, at a lower peak learning rate
     with a fresh optimizer, drawing ROBUST_AUGMENTATIONS and teaching the count head from nearby
     frames (`count_targets(nearby=True)`), and ROBUST_WHOLE_ONLY_TYPES only where every token is
-    kept. It starts only
-    from stage 2's weights and seeds its own draws, so it continues a run in memory or a saved
-    model (`--qa-from`) the same way."""
+    kept. It starts only from stage 2's weights and seeds its own draws, so it continues a run
+    in memory or a saved model (`--qa-from`) the same way."""
     train, val = pools
     qa_loop(model, config, train, val, stage="robust", steps=config.robust_steps, lr=config.robust_lr,
             augmentations=ROBUST_AUGMENTATIONS, rng=random.Random(f"robust/{config.seed}"), curriculum=(),

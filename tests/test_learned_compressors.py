@@ -222,7 +222,7 @@ def test_train_compressor_command_saves_weights_beside_the_model_and_refuses_unt
 
 def test_a_step_counted_run_gives_the_same_weights_however_long_its_steps_take(tiny_folder, tmp_path):
     """--steps: the learning-rate schedule runs over the steps, not the clock, so a rerun on a
-    busy machine is the same run (the shipped compressors are trained that way)."""
+    busy machine is the same run."""
     import shutil
     import time
 
