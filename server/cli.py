@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--perception-from", help="reuse the tower of a model folder trained by this recipe's stage 1")
     tiny.add_argument("--robust-steps", type=int,
                       help="stage 3: QA steps with heavy token dropping after stage 2 (default 0: off; run V: 1500)")
+    tiny.add_argument("--robust-lr", type=float, help="stage 3's peak learning rate (default: the recipe's, 5e-4)")
     tiny.add_argument("--qa-from", help="start from a model folder trained by this recipe's stages 1-2: run stage 3 only")
     tiny.add_argument("--curriculum", type=parse_curriculum,
                       help="QA steps on clips cut to a few frames before whole clips, as STEPS:FRAMES,... "
@@ -255,7 +256,7 @@ def train_config(args: argparse.Namespace):
     chosen = {name: getattr(args, name)
               for name in ("perception_steps", "qa_steps", "qa_pool_clips", "eval_every", "curriculum",
                            "query_weight", "readout_weight", "count_weight", "pool_cache", "place_scale", "time_scale",
-                           "robust_steps")}
+                           "robust_steps", "robust_lr")}
     if args.look_weight > 0 and chosen["count_weight"] is None:
         chosen["count_weight"] = 0.0  # the look heads are the count head's heads (eval.train_tiny.COUNT_HEAD)
     return TrainConfig(**{name: value for name, value in chosen.items() if value is not None},
