@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--perception-from", help="reuse the tower of a model folder trained by this recipe's stage 1")
     tiny.add_argument("--robust-steps", type=int,
                       help="stage 3: QA steps with heavy token dropping after stage 2 (default 0: off; run V: 1500)")
-    tiny.add_argument("--robust-lr", type=float, help="stage 3's peak learning rate (default: the recipe's, 5e-4)")
+    tiny.add_argument("--robust-lr", type=nonnegative_float, help="stage 3's peak learning rate (default: the recipe's)")
     tiny.add_argument("--qa-from", help="start from a model folder trained by this recipe's stages 1-2: run stage 3 only")
     tiny.add_argument("--curriculum", type=parse_curriculum,
                       help="QA steps on clips cut to a few frames before whole clips, as STEPS:FRAMES,... "

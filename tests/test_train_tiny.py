@@ -629,6 +629,8 @@ def test_train_flags_become_the_config_a_checkpoint_records():
                                              "10", "--robust-lr", "2e-4"]))
     assert (stage3.qa_from, stage3.robust_steps, stage3.robust_lr) == ("runs/r", 10, 2e-4)
     assert TrainConfig().robust_lr == 5e-4
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "tiny", "--out", "x", "--robust-lr", "-1"])
     assert TrainConfig().robust_steps == 0 and TrainConfig().qa_from is None  # the shipped recipe (run R): stages 1-2
     looks = train_config(parser.parse_args(["train", "tiny", "--out", "x", "--look-weight", "1"]))
     assert looks.look_weight == 1.0 and looks.count_weight == 0.0  # the same heads: the look heads win
