@@ -27,7 +27,9 @@ from __future__ import annotations
 import argparse
 import json
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -68,26 +70,42 @@ def kept_of_clip(model: VLM, manifest: Path, row: dict, spec) -> tuple:
     return scene, questions, torch.as_tensor(owners), facts, tokens, kept, seed
 
 
-def breakdown(model: VLM, manifest: Path, spec_text: str) -> dict:
-    """{type: {"shown" | "hidden": {"questions", "correct", "correct_none"}}} over a ShapesWorld manifest."""
-    spec, baseline = parse_spec(spec_text), parse_spec("none")
-    rows = json.loads(manifest.read_text())
-    sampling = model.default_sampling(8)
-    table: dict = defaultdict(lambda: {side: {"questions": 0, "correct": 0, "correct_none": 0}
-                                       for side in ("shown", "hidden")})
+def prefill_both(model: VLM, tokens, spec, seed: int) -> dict:
+    """The clip's KV through `spec` (with the clip's seed, as the harness) and through `none`."""
+    return {"spec": model.prefill_video(tokens, spec, seed=seed),
+            "none": model.prefill_video(tokens, parse_spec("none"))}
+
+
+def ask(model: VLM, video_kv, question: str) -> str:
+    """The model's greedy answer to `question` about a prefilled clip."""
+    ids = list(model.stream_reused(video_kv, question, model.default_sampling(8)))
+    return model.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def rows_by_clip(model: VLM, manifest: Path, rows: list[dict],
+                 spec) -> Iterator[tuple[dict, sw.Question, SimpleNamespace]]:
+    """(row, its question, its clip) for each manifest row, clip by clip. The clip: `scene`,
+    `owners`, `facts`, `tokens`, `kept` (`kept_of_clip`) and `prefilled` (`prefill_both`)."""
     for video in dict.fromkeys(row["video"] for row in rows):
         clip_rows = [row for row in rows if row["video"] == video]
-        _, questions, owners, facts, tokens, kept, seed = kept_of_clip(model, manifest, clip_rows[0], spec)
-        prefilled = {"spec": model.prefill_video(tokens, spec, seed=seed), "none": model.prefill_video(tokens, baseline)}
+        scene, questions, owners, facts, tokens, kept, seed = kept_of_clip(model, manifest, clip_rows[0], spec)
+        clip = SimpleNamespace(scene=scene, owners=owners, facts=facts, tokens=tokens, kept=kept,
+                               prefilled=prefill_both(model, tokens, spec, seed))
         for row in clip_rows:
-            question = next(q for q in questions if q.text == row["question"])
-            side = "shown" if answer_shown(question, kept, owners, facts) else "hidden"
-            cell = table[row["type"]][side]
-            cell["questions"] += 1
-            for key, video_kv in (("correct", prefilled["spec"]), ("correct_none", prefilled["none"])):
-                ids = list(model.stream_reused(video_kv, row["question"], sampling))
-                text = model.tokenizer.decode(ids, skip_special_tokens=True).strip()
-                cell[key] += int(extract_choice(text, row["candidates"]) == row["candidates"].index(row["answer"]))
+            yield row, next(q for q in questions if q.text == row["question"]), clip
+
+
+def breakdown(model: VLM, manifest: Path, spec_text: str) -> dict:
+    """{type: {"shown" | "hidden": {"questions", "correct", "correct_none"}}} over a ShapesWorld manifest."""
+    table: dict = defaultdict(lambda: {side: {"questions": 0, "correct": 0, "correct_none": 0}
+                                       for side in ("shown", "hidden")})
+    for row, question, clip in rows_by_clip(model, manifest, json.loads(manifest.read_text()), parse_spec(spec_text)):
+        side = "shown" if answer_shown(question, clip.kept, clip.owners, clip.facts) else "hidden"
+        cell = table[row["type"]][side]
+        cell["questions"] += 1
+        for key, video_kv in (("correct", clip.prefilled["spec"]), ("correct_none", clip.prefilled["none"])):
+            text = ask(model, video_kv, row["question"])
+            cell[key] += int(extract_choice(text, row["candidates"]) == row["candidates"].index(row["answer"]))
     return dict(sorted(table.items()))
 
 
@@ -173,21 +191,31 @@ def markdown(spec_text: str, table: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def split_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of a breakdown over a ShapesWorld split: model, specs, split, clips, threads."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--model", default="vidsieve-tiny")
     parser.add_argument("--spec", action="append", required=True, help="compressor spec (repeatable)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--count", type=int, default=200, help="clips")
     parser.add_argument("--data-dir", type=Path, default=Path("runs/shapesworld"))
     parser.add_argument("--threads", type=int, default=None)
+    return parser
+
+
+def model_and_manifest(args: argparse.Namespace) -> tuple[VLM, Path]:
+    """The model and the split's manifest (written on first use) that `split_parser`'s options name."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return VLM.from_pretrained(args.model, device="cpu"), sw.cached_split(args.split, args.count, args.data_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = split_parser(__doc__)
     parser.add_argument("--counting-ceiling", action="store_true",
                         help="also score a perfect counter of the kept tokens (counting_ceiling)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = VLM.from_pretrained(args.model, device="cpu")
-    manifest = sw.cached_split(args.split, args.count, args.data_dir)
+    model, manifest = model_and_manifest(args)
     for spec_text in args.spec:
         print(markdown(spec_text, breakdown(model, manifest, spec_text)), flush=True)
         if args.counting_ceiling:

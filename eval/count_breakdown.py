@@ -18,7 +18,6 @@ own seed, as `vidsieve bench accuracy` does.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from collections import defaultdict
@@ -29,7 +28,7 @@ import torch
 from compressors import parse_spec
 from eval import shapesworld as sw
 from eval.accuracy import extract_choice
-from eval.answer_in_view import answer_shown, kept_of_clip
+from eval.answer_in_view import answer_shown, ask, model_and_manifest, rows_by_clip, split_parser
 from eval.train_tiny import count_targets, kept_cells
 from vlm.model import VLM
 
@@ -58,37 +57,27 @@ def dropped_targets(facts: torch.Tensor, question: sw.Question, tokens, kept) ->
 
 def breakdown(model: VLM, manifest: Path, spec_text: str) -> dict:
     """{split name: {row: {"questions", "none", VERDICTS...}}} over the counting questions."""
-    spec, baseline = parse_spec(spec_text), parse_spec("none")
     rows = [row for row in json.loads(manifest.read_text()) if row["type"] == "counting"]
-    sampling = model.default_sampling(8)
     table: dict = defaultdict(lambda: defaultdict(lambda: dict.fromkeys(("questions", "none", *VERDICTS), 0)))
     longest_brief = sw.BRIEF_LIFE_FRAMES[1]
-    for video in dict.fromkeys(row["video"] for row in rows):
-        clip_rows = [row for row in rows if row["video"] == video]
-        scene, questions, owners, facts, tokens, kept, seed = kept_of_clip(model, manifest, clip_rows[0], spec)
-        prefilled = {"spec": model.prefill_video(tokens, spec, seed=seed), "none": model.prefill_video(tokens, baseline)}
-        for row in clip_rows:
-            question = next(q for q in questions if q.text == row["question"])
-            said = {}
-            for key, video_kv in prefilled.items():
-                text = model.tokenizer.decode(list(model.stream_reused(video_kv, row["question"], sampling)),
-                                              skip_special_tokens=True).strip()
-                said[key] = verdict(text, row["candidates"], row["answer"])
-            lives = [int(scene.present[i].sum()) for i in question.object_ids]
-            shown = answer_shown(question, kept, owners, facts)
-            cells = {
-                "counted objects": str(len(question.object_ids)),
-                "lives": "all longer than brief" if min(lives, default=99) > longest_brief else "a brief one",
-                "in view": "shown" if shown else "hidden",
-            }
-            if shown:
-                dropped = dropped_targets(facts, question, tokens, kept)
-                cells["taught tokens dropped (in view)"] = str(dropped) if dropped < 2 else "2 or more"
-            for split, value in cells.items():
-                cell = table[split][value]
-                cell["questions"] += 1
-                cell["none"] += said["none"] == "right"
-                cell[said["spec"]] += 1
+    for row, question, clip in rows_by_clip(model, manifest, rows, parse_spec(spec_text)):
+        said = {key: verdict(ask(model, video_kv, row["question"]), row["candidates"], row["answer"])
+                for key, video_kv in clip.prefilled.items()}
+        lives = [int(clip.scene.present[i].sum()) for i in question.object_ids]
+        shown = answer_shown(question, clip.kept, clip.owners, clip.facts)
+        cells = {
+            "counted objects": str(len(question.object_ids)),
+            "lives": "all longer than brief" if min(lives, default=99) > longest_brief else "a brief one",
+            "in view": "shown" if shown else "hidden",
+        }
+        if shown:
+            dropped = dropped_targets(clip.facts, question, clip.tokens, clip.kept)
+            cells["taught tokens dropped (in view)"] = str(dropped) if dropped < 2 else "2 or more"
+        for split, value in cells.items():
+            cell = table[split][value]
+            cell["questions"] += 1
+            cell["none"] += said["none"] == "right"
+            cell[said["spec"]] += 1
     return {split: dict(sorted(values.items())) for split, values in table.items()}
 
 
@@ -104,18 +93,8 @@ def markdown(spec_text: str, table: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="vidsieve-tiny")
-    parser.add_argument("--spec", action="append", required=True, help="compressor spec (repeatable)")
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--count", type=int, default=200, help="clips")
-    parser.add_argument("--data-dir", type=Path, default=Path("runs/shapesworld"))
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = VLM.from_pretrained(args.model, device="cpu")
-    manifest = sw.cached_split(args.split, args.count, args.data_dir)
+    args = split_parser(__doc__).parse_args(argv)
+    model, manifest = model_and_manifest(args)
     for spec_text in args.spec:
         print(markdown(spec_text, breakdown(model, manifest, spec_text)), flush=True)
 
