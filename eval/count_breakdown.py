@@ -12,8 +12,8 @@ answers are split four ways:
   object's centre where it first appears, `count_targets`) the compressor dropped.
 
 Each row gives the questions, how many `none` and the compressor answer right, and the
-compressor's wrong answers as over-counts, under-counts and answers that say no number. Each clip is compressed with its
-own seed, as `vidsieve bench accuracy` does.
+compressor's wrong answers as over-counts, under-counts and answers that say no number. Each
+clip is compressed with its own seed, as `vidsieve bench accuracy` does.
 """
 
 from __future__ import annotations
