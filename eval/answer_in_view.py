@@ -28,8 +28,8 @@ import argparse
 import json
 from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -82,15 +82,24 @@ def ask(model: VLM, video_kv, question: str) -> str:
     return model.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
-def rows_by_clip(model: VLM, manifest: Path, rows: list[dict],
-                 spec) -> Iterator[tuple[dict, sw.Question, SimpleNamespace]]:
-    """(row, its question, its clip) for each manifest row, clip by clip. The clip: `scene`,
-    `owners`, `facts`, `tokens`, `kept` (`kept_of_clip`) and `prefilled` (`prefill_both`)."""
+@dataclass
+class KeptClip:
+    """One clip of a manifest as `rows_by_clip` hands it out (see `kept_of_clip`, `prefill_both`)."""
+
+    scene: sw.Scene
+    owners: torch.Tensor  # [T, Gm, Gm] uint8: which objects each merged token shows (bit i: object i)
+    facts: torch.Tensor  # `object_facts` of the scene
+    tokens: VisualTokens  # every token of the clip
+    kept: VisualTokens  # what the compressor kept, with the clip's seed
+    prefilled: dict  # {"spec": KV, "none": KV}
+
+
+def rows_by_clip(model: VLM, manifest: Path, rows: list[dict], spec) -> Iterator[tuple[dict, sw.Question, KeptClip]]:
+    """(row, its question, its clip) for each manifest row, clip by clip."""
     for video in dict.fromkeys(row["video"] for row in rows):
         clip_rows = [row for row in rows if row["video"] == video]
         scene, questions, owners, facts, tokens, kept, seed = kept_of_clip(model, manifest, clip_rows[0], spec)
-        clip = SimpleNamespace(scene=scene, owners=owners, facts=facts, tokens=tokens, kept=kept,
-                               prefilled=prefill_both(model, tokens, spec, seed))
+        clip = KeptClip(scene, owners, facts, tokens, kept, prefill_both(model, tokens, spec, seed))
         for row in clip_rows:
             yield row, next(q for q in questions if q.text == row["question"]), clip
 

@@ -49,10 +49,9 @@ def verdict(text: str, candidates: list[str], answer: str) -> str:
 
 def dropped_targets(facts: torch.Tensor, question: sw.Question, tokens, kept) -> int:
     """How many counted objects lost the token the count head is taught with every token kept."""
-    weights = count_targets(facts, question, tokens)
-    kept_set = set(kept_cells(kept).tolist())
-    cells = kept_cells(tokens)
-    return sum(int(weights[i]) for i in torch.nonzero(weights)[:, 0] if int(cells[i]) not in kept_set)
+    weights = count_targets(facts, question, tokens)  # [len(tokens)]
+    dropped = ~torch.isin(kept_cells(tokens), kept_cells(kept))
+    return int(weights[dropped].sum())
 
 
 def breakdown(model: VLM, manifest: Path, spec_text: str) -> dict:
@@ -63,11 +62,11 @@ def breakdown(model: VLM, manifest: Path, spec_text: str) -> dict:
     for row, question, clip in rows_by_clip(model, manifest, rows, parse_spec(spec_text)):
         said = {key: verdict(ask(model, video_kv, row["question"]), row["candidates"], row["answer"])
                 for key, video_kv in clip.prefilled.items()}
-        lives = [int(clip.scene.present[i].sum()) for i in question.object_ids]
+        long_lived = all(clip.scene.present[i].sum() > longest_brief for i in question.object_ids)
         shown = answer_shown(question, clip.kept, clip.owners, clip.facts)
         cells = {
             "counted objects": str(len(question.object_ids)),
-            "lives": "all longer than brief" if min(lives, default=99) > longest_brief else "a brief one",
+            "lives": "all longer than brief" if long_lived else "a brief one",
             "in view": "shown" if shown else "hidden",
         }
         if shown:
