@@ -10,8 +10,7 @@ kept still show its answer, with the rules training uses (`eval.train_tiny`):
 - fine detail: a kept token at the object's centre in a frame where its dot shows (`dot_is_kept`);
 - temporal order: every option in view, the winner's first (last) kept frame ahead of the
   others' (`order_is_kept`);
-- counting: every counted object covered by a kept token in the frame the question names, or in
-  some frame (`count_targets`);
+- counting: every counted object covered by a kept token in some frame (`count_targets`);
 - the rest: the object covered by a kept token (in the frame the question names, if any).
 
 Then it reports, per type and for each side, how many questions, and their accuracy with the
@@ -118,9 +117,6 @@ def breakdown(model: VLM, manifest: Path, spec_text: str) -> dict:
     return dict(sorted(table.items()))
 
 
-COUNT_REACH = (0, 1, 2, 3)  # frames from the named one that a start / end count may look at
-
-
 def counted_filter(question: sw.Question) -> dict[str, str]:
     """The attributes a counting question counts by ({} for "objects"), read back from its text
     ("How many red objects ...", "How many circles ...", as the generator writes them)."""
@@ -134,15 +130,11 @@ def counting_ceiling(model: VLM, manifest: Path, spec_text: str) -> dict:
     """How many counting questions a perfect counter of the kept tokens gets right.
 
     It sees every object that a kept token covers (or holds the centre of), tells objects
-    apart without error, and answers "in the video" with the number of matching objects in
-    view anywhere. For "at the start / end" it counts the matching objects in view within
-    `reach` frames of the named one (an object that left the named frame's kept tokens may
-    show beside it), for each reach in COUNT_REACH. Returns {"video": {"questions",
-    "correct"}, "moment": {reach: correct, "questions": n}}."""
+    apart without error, and answers with the number of matching objects in view anywhere
+    (ShapesWorld v3 counts over the whole clip). Returns {"questions", "correct"}."""
     spec = parse_spec(spec_text)
     rows = {row["video"]: row for row in json.loads(manifest.read_text())}  # one row per clip
-    video_right = video_total = moment_total = 0
-    moment_right = dict.fromkeys(COUNT_REACH, 0)
+    right = total = 0
     for row in rows.values():
         scene, questions, owners, facts, _, kept, _ = kept_of_clip(model, manifest, row, spec)
         per_frame = kept.grid_thw[1] * kept.grid_thw[2]
@@ -152,36 +144,22 @@ def counting_ceiling(model: VLM, manifest: Path, spec_text: str) -> dict:
             wanted = counted_filter(question)
             matching = [o.object_id for o in scene.objects
                         if all(getattr(o, name) == value for name, value in wanted.items())]
-            assert set(question.object_ids) <= set(matching), question.text
-            seen = []  # per matching object, the frames where a kept token shows it
+            assert set(question.object_ids) == set(matching), question.text
+            in_view = 0
             for object_id in matching:
                 centres = facts[object_id, FACT_COUNT + frames:FACT_COUNT + 2 * frames].long()
                 at_centre = (centres[kept.frame_index] >= 0) & (cells == kept.frame_index * per_frame
                                                                 + centres[kept.frame_index])
-                seen.append(kept.frame_index[((present >> object_id) & 1).bool() | at_centre])
-            answer = len(question.object_ids)
-            if question.frame_index is None:
-                video_total += 1
-                video_right += sum(len(f) > 0 for f in seen) == answer
-                continue
-            moment_total += 1
-            for reach in COUNT_REACH:
-                near = sum(bool(((f - question.frame_index).abs() <= reach).any()) for f in seen)
-                moment_right[reach] += near == answer
-    return {"video": {"questions": video_total, "correct": video_right},
-            "moment": {"questions": moment_total, **moment_right}}
+                in_view += bool((((present >> object_id) & 1).bool() | at_centre).any())
+            total += 1
+            right += in_view == len(question.object_ids)
+    return {"questions": total, "correct": right}
 
 
 def ceiling_markdown(spec_text: str, ceiling: dict) -> str:
-    video, moment = ceiling["video"], ceiling["moment"]
-    best = max(COUNT_REACH, key=lambda reach: moment[reach])
-    overall = (video["correct"] + moment[best]) / max(1, video["questions"] + moment["questions"])
-    cells = " | ".join(f"{100 * moment[reach] / max(1, moment['questions']):.1f}" for reach in COUNT_REACH)
-    return (f"`{spec_text}`: a perfect counter of the kept tokens, accuracy on counting questions\n\n"
-            f"| in the video ({video['questions']}) | "
-            + " | ".join(f"start / end, within {reach} frames ({moment['questions']})" for reach in COUNT_REACH)
-            + " | overall, best reach |\n|" + "---:|" * (len(COUNT_REACH) + 2) + "\n"
-            f"| {100 * video['correct'] / max(1, video['questions']):.1f} | {cells} | {100 * overall:.1f} |\n")
+    accuracy = 100 * ceiling["correct"] / max(1, ceiling["questions"])
+    return (f"`{spec_text}`: a perfect counter of the kept tokens gets {ceiling['correct']} of "
+            f"{ceiling['questions']} counting questions right ({accuracy:.1f}%)\n")
 
 
 def markdown(spec_text: str, table: dict) -> str:

@@ -54,8 +54,9 @@ AUGMENTATIONS = (
 )
 
 # Stage 3 (`train_robust`) draws heavy dropping twice as often: after stage 2, a quarter of the
-# tokens cost counting 17.5 points (run R: over-counting fragments of one object seen in several
-# frames, and start / end counts whose frame lost an object), and attribute 10.1.
+# tokens cost counting 17.5 points on ShapesWorld v2 (run R: over-counting fragments of one
+# object seen in several frames, and start / end counts whose frame lost an object), and
+# attribute 10.1.
 ROBUST_AUGMENTATIONS = (
     ("none", 4), ("random:ratio=0.75", 1), ("random:ratio=0.5", 2), ("random:ratio=0.25", 4),
     ("random:ratio=0.1", 2), ("avgpool:factor=2", 1), ("uniform:every=2", 1), ("random:per_frame=2", 1),
@@ -394,18 +395,15 @@ def readout_targets(facts: torch.Tensor, question: sw.Question, kept: VisualToke
 
 
 def count_targets(facts: torch.Tensor, question: sw.Question, kept: VisualTokens,
-                  present: torch.Tensor | None = None, nearby: bool = False) -> torch.Tensor | None:
+                  present: torch.Tensor | None = None) -> torch.Tensor | None:
     """[len(kept)] float for a counting question: per kept token, how many counted objects it
     stands for; it sums to the count. An object's token is the one holding its centre in the
-    frame the question names, else in the first frame it is present (where the tower marks it
-    new). Where a compressor dropped that token, and `present` (`token_owners` of `kept`) is
-    given, it is the object's first kept token in that frame, else the same in its next frames:
-    a model that only counts whole clips breaks under random dropping (13 points lost at 50%
-    kept, run Q). Two centres can share a 32 px token. With `nearby` (and `present`), an object of a
-    question that names a frame and has no kept token there is counted at its kept token in the
-    nearest frame that has one (stage 3, `train_robust`: the model learns to count the start or
-    end from the frames beside it). None for other questions, or when one counted object has no
-    kept token left (the count head is then not taught)."""
+    first frame it is present in (where the tower marks it new). Where a compressor dropped that
+    token, and `present` (`token_owners` of `kept`) is given, it is the object's first kept token
+    in that frame, else the same in its next frames: a model that only counts whole clips breaks
+    under random dropping (13 points lost at 50% kept, run Q). Two centres can share a 32 px
+    token. None for other questions, or when one counted object has no kept token left (the
+    count head is then not taught)."""
     if question.type != "counting":
         return None
     frames = fact_frames(facts)
@@ -414,16 +412,10 @@ def count_targets(facts: torch.Tensor, question: sw.Question, kept: VisualTokens
     weights = torch.zeros(len(kept))
     for object_id in question.object_ids:
         centres = facts[object_id, FACT_COUNT + frames:FACT_COUNT + 2 * frames]
-        if question.frame_index is None:
-            shown = torch.nonzero(centres >= 0)[:, 0].tolist()
-        elif nearby and present is not None:
-            shown = sorted(range(frames), key=lambda frame: abs(frame - question.frame_index))
-        else:
-            shown = [question.frame_index]
         token = None
-        for frame in shown:
-            centre = int(centres[frame])  # -1 where the object is absent (a nearby frame)
-            hits = torch.nonzero(cell == frame * per_frame + centre)[:, 0] if centre >= 0 else cell[:0]
+        for frame in torch.nonzero(centres >= 0)[:, 0].tolist():
+            centre = int(centres[frame])
+            hits = torch.nonzero(cell == frame * per_frame + centre)[:, 0]
             if len(hits) == 0 and present is not None:
                 hits = torch.nonzero((((present >> object_id) & 1) != 0) & (frame_of == frame))[:, 0]
             if len(hits):
@@ -524,7 +516,7 @@ def encode_pool_cached(model: VLM, split: str, first_index: int, clips: int, poo
 
 def packed_from_pool(model: VLM, pool: ClipPool, index: int, spec: CompressorSpec, seed: int,
                      frames: int | None = None, *, every_question: bool = False,
-                     count_nearby: bool = False, whole_only_types: frozenset = frozenset()) -> PackedClip | None:
+                     whole_only_types: frozenset = frozenset()) -> PackedClip | None:
     """Clip `index` of the pool through the projector and compressor `spec`, its questions packed.
 
     With `frames` (the QA curriculum, see CURRICULUM), only that many random frames of the clip
@@ -532,9 +524,8 @@ def packed_from_pool(model: VLM, pool: ClipPool, index: int, spec: CompressorSpe
     its frame among those kept, and its object visible in them. Either way a fine-detail
     question is asked only where the kept tokens show its dot (it flashes for 2-3 frames, so a
     question without it would teach a guess), and a temporal-order question only where they
-    show its order (`order_is_kept`), unless `every_question` (evaluation). `count_nearby`:
-    `count_targets(nearby=True)`; questions of `whole_only_types` are asked only if every
-    token was kept. None when no question is left."""
+    show its order (`order_is_kept`), unless `every_question` (evaluation). Questions of
+    `whole_only_types` are asked only if every token was kept. None when no question is left."""
     tokens = pool_tokens(model, pool, index)
     questions = pool.questions[index]
     cut = frames is not None and frames < tokens.num_frames
@@ -563,7 +554,7 @@ def packed_from_pool(model: VLM, pool: ClipPool, index: int, spec: CompressorSpe
     clip = pack_clip(model, kept, tokens.span_length, [q.text for q in questions], answers, masks, looks)
     if pool.facts is not None:
         clip.readout_targets = [readout_targets(pool.facts[index], q, kept) for q in questions]
-        clip.count_targets = [count_targets(pool.facts[index], q, kept, present, count_nearby) for q in questions]
+        clip.count_targets = [count_targets(pool.facts[index], q, kept, present) for q in questions]
     return clip
 
 
@@ -633,14 +624,13 @@ def train_qa(model: VLM, config: TrainConfig, report: Callable[[str], None], poo
 def train_robust(model: VLM, config: TrainConfig, report: Callable[[str], None],
                  pools: tuple[ClipPool, ClipPool], checkpoint: Callable[[int], None] | None = None) -> None:
     """Stage 3: `config.robust_steps` more QA steps on whole clips, at a lower peak learning rate
-    with a fresh optimizer, drawing ROBUST_AUGMENTATIONS and teaching the count head from nearby
-    frames (`count_targets(nearby=True)`), and ROBUST_WHOLE_ONLY_TYPES only where every token is
-    kept. It starts only from stage 2's weights and seeds its own draws, so it continues a run
-    in memory or a saved model (`--qa-from`) the same way."""
+    with a fresh optimizer, drawing ROBUST_AUGMENTATIONS, and ROBUST_WHOLE_ONLY_TYPES only where
+    every token is kept. It starts only from stage 2's weights and seeds its own draws, so it
+    continues a run in memory or a saved model (`--qa-from`) the same way."""
     train, val = pools
     qa_loop(model, config, train, val, stage="robust", steps=config.robust_steps, lr=config.robust_lr,
             augmentations=ROBUST_AUGMENTATIONS, rng=random.Random(f"robust/{config.seed}"), curriculum=(),
-            count_nearby=True, whole_only_types=ROBUST_WHOLE_ONLY_TYPES,
+            whole_only_types=ROBUST_WHOLE_ONLY_TYPES,
             extra_eval=ROBUST_EVAL_SPEC, report=report, checkpoint=checkpoint)
 
 
@@ -657,8 +647,8 @@ def encode_pools(model: VLM, config: TrainConfig, report: Callable[[str], None],
 
 def qa_loop(model: VLM, config: TrainConfig, train: ClipPool, val: ClipPool, *, stage: str, steps: int, lr: float,
             augmentations: tuple, rng: random.Random, curriculum: tuple, report: Callable[[str], None],
-            checkpoint: Callable[[int], None] | None = None, count_nearby: bool = False,
-            whole_only_types: frozenset = frozenset(), extra_eval: str | None = None) -> None:
+            checkpoint: Callable[[int], None] | None = None, whole_only_types: frozenset = frozenset(),
+            extra_eval: str | None = None) -> None:
     """`steps` AdamW steps (warm-up, cosine to 5% of `lr`) on packed clips of `train`, each
     through a compressor drawn from `augmentations`; validation on `val` every
     `config.eval_every` steps (also under `extra_eval`, a compressor spec, if given)."""
@@ -678,7 +668,7 @@ def qa_loop(model: VLM, config: TrainConfig, train: ClipPool, val: ClipPool, *, 
         chosen, order = order[:config.qa_clips_per_step], order[config.qa_clips_per_step:]
         frames = frames_at(curriculum, step)
         packed = [packed_from_pool(model, train, i, rng.choices(specs, weights)[0], rng.randrange(1 << 30), frames,
-                                   count_nearby=count_nearby, whole_only_types=whole_only_types)
+                                   whole_only_types=whole_only_types)
                   for i in chosen]
         packed = [clip for clip in packed if clip is not None]
         seen += sum(len(clip.first_answer_at) for clip in packed)

@@ -25,20 +25,17 @@ def test_every_answer_is_in_view_with_all_tokens_and_a_quarter_of_the_frames_hid
 
 
 def test_a_perfect_counter_gets_every_count_with_all_tokens_and_fewer_with_a_quarter(tmp_path):
-    from eval.answer_in_view import COUNT_REACH, ceiling_markdown, counted_filter, counting_ceiling
+    from eval.answer_in_view import ceiling_markdown, counted_filter, counting_ceiling
 
     manifest = sw.cached_split("test", 12, tmp_path)
     model = VLM.from_config(VLMConfig.from_name("vidsieve-tiny"), seed=0)
     full = counting_ceiling(model, manifest, "none")
-    assert full["video"]["correct"] == full["video"]["questions"] > 0
-    assert full["moment"][0] == full["moment"]["questions"] > 0  # the named frame shows every counted object
-    quarter = counting_ceiling(model, manifest, "random:ratio=0.25")
-    assert quarter["video"]["correct"] < full["video"]["correct"] or quarter["moment"][0] < full["moment"][0]
-    assert quarter["moment"][0] < quarter["moment"]["questions"]
-    assert "| overall, best reach |" in ceiling_markdown("random:ratio=0.25", quarter)
-    assert len(COUNT_REACH) == len([k for k in quarter["moment"] if k != "questions"])
+    assert full["correct"] == full["questions"] >= 10
+    tenth = counting_ceiling(model, manifest, "random:ratio=0.1")
+    assert tenth["questions"] == full["questions"] and tenth["correct"] < full["correct"]
+    assert "a perfect counter of the kept tokens gets" in ceiling_markdown("random:ratio=0.1", tenth)
     # the filter is read back from the generator's phrasing
-    question = sw.Question("How many red objects are there at the start?", ("one", "two"), "one", "counting", (0,), 0)
+    question = sw.Question("How many red objects appear in the video?", ("one", "two"), "one", "counting", (0,))
     assert counted_filter(question) == {"colour": "red"}
-    question = sw.Question("How many circles appear in the video?", ("one", "two"), "one", "counting", (0,), None)
+    question = sw.Question("How many circles appear in the video?", ("one", "two"), "one", "counting", (0,))
     assert counted_filter(question) == {"shape": "circle"}
