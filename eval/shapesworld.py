@@ -108,7 +108,8 @@ _SEEN_FRACTION = 0.5
 # Bumped whenever the same seed may draw a different scene or question: caches of rendered or
 # encoded clips (eval.train_tiny.encode_pool_cached) key on it. 2: flashing dots, brief objects.
 # 3: counts over the whole clip only (the scenes are v2's; the questions after a count differ).
-GENERATOR_VERSION = 3
+# 4: v3's counts, with v2's draws kept (`_draw_v2_moment`), so only the counting questions differ from v2.
+GENERATOR_VERSION = 4
 # A dot flashes for 2-3 consecutive frames and a brief object lives 2-3 frames, so keeping one
 # frame in four (`uniform:every=4`) misses a third of them: the answer lives in one moment.
 DOT_FLASH_FRAMES = (2, 3)
@@ -597,6 +598,7 @@ def _ask_counting(scene: Scene, rng: np.random.Generator) -> Question | None:
         values = sorted({getattr(o, kind) for o in targets})
         shared = [v for v in values if len(_matching(scene, {kind: v})) >= 2]
         attributes = {kind: _choose(rng, shared if shared and rng.random() < 0.6 else values)}
+    _draw_v2_moment(scene, rng)
     counted = _matching(scene, attributes)
     if "shape" in attributes:
         noun = SHAPE_PLURALS[attributes["shape"]]
@@ -610,6 +612,20 @@ def _ask_counting(scene: Scene, rng: np.random.Generator) -> Question | None:
         type="counting",
         object_ids=tuple(o.object_id for o in counted),
     )
+
+
+def _draw_v2_moment(scene: Scene, rng: np.random.Generator) -> None:
+    """Make, and throw away, the draws by which v2 chose a count's moment (start, end or the
+    whole clip). The questions after a count share its random stream, so without them every
+    later question would be redrawn (v3 did): with them, v4's scenes and every question but
+    the counts are v2's, and a model's score moves only with what v4 changed."""
+    last_index = scene.config.frame_count - 1
+    moments = [frame for frame in (0, last_index)
+               if (scene.visible_fraction[scene.present[:, frame], frame] >= _SEEN_FRACTION).all()]
+    if scene.focus_object_id is not None:
+        moments = [m for m in moments if scene.present[scene.focus_object_id, m]]
+    if moments and rng.random() < 0.5:
+        _choose(rng, moments)
 
 
 def _ask_motion(scene: Scene, rng: np.random.Generator) -> Question | None:

@@ -5,6 +5,7 @@ the rendered label map), not from the generator's own bookkeeping, so a wrong qu
 template, an ambiguous name or a wrong answer all fail.
 """
 
+import hashlib
 import json
 import re
 from dataclasses import replace
@@ -178,6 +179,17 @@ def test_same_seed_gives_the_same_scene_frames_and_questions():
     assert questions_a == questions_b
     rng_a, rng_b = np.random.default_rng(123), np.random.default_rng(123)
     assert make_questions(make_scene(rng_a), rng_a) == make_questions(make_scene(rng_b), rng_b)
+
+
+def test_only_the_counts_differ_from_shapesworld_v2():
+    """v4 changed the counting questions alone (`_draw_v2_moment`): every other question of
+    the first 40 test clips is v2's, whose digest was taken with the v2 generator (2621dc2)."""
+    digest = hashlib.sha256()
+    for index in range(40):
+        for q in scene_and_questions("test", index)[1]:
+            if q.type != "counting":
+                digest.update(f"{q.text}|{'/'.join(q.candidates)}|{q.answer}\n".encode())
+    assert digest.hexdigest() == "a6d9f3760bc49c6a9ddfc95d78077511b4d8d0bd5dd3f2ac2f0390010e8cc242"
 
 
 def test_different_seeds_give_different_clips():

@@ -107,7 +107,7 @@ def test_count_targets_weigh_one_token_per_counted_object_and_sum_to_the_count()
                 assert weights is None
                 continue
             assert weights is not None and int(weights.sum()) == sw.NUMBER_WORDS.index(question.answer)
-            assert question.frame_index is None  # counts are over the whole clip (ShapesWorld v3)
+            assert question.frame_index is None  # counts are over the whole clip (ShapesWorld v3 on)
             # each weighted token shows a counted object (owners)
             shown = pool.owners[index][tokens.frame_index, tokens.grid_rc[:, 0], tokens.grid_rc[:, 1]].long()
             bits = sum(1 << i for i in question.object_ids)
