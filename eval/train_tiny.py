@@ -101,6 +101,7 @@ class TrainConfig:
     curriculum: tuple = CURRICULUM  # (steps, frames) before whole clips; counted in qa_steps
     robust_steps: int = 0  # stage 3 (train_robust), off in the shipped recipe (run R); run V used 1500
     robust_lr: float = 5e-4
+    identity_weight: float = 1.0  # stage 3: on the identity head (IDENTITY_HEAD, `identity_targets`); 0: off
     seed: int = 0
     eval_every: int = 500  # QA steps between validation passes (and checkpoints)
     eval_clips: int = 120
@@ -429,6 +430,45 @@ def count_targets(facts: torch.Tensor, question: sw.Question, kept: VisualTokens
     return weights
 
 
+def object_reps(facts: torch.Tensor, kept: VisualTokens, present: torch.Tensor) -> torch.Tensor:
+    """[MAX_OBJECTS, T] long: the kept token that stands for each object in each frame, -1
+    where none does. It is the token holding the object's centre if that was kept, else the
+    first kept token that covers the object in that frame (`present`, `token_owners` of
+    `kept`): the rule `count_targets` picks an object's token by."""
+    frames = fact_frames(facts)
+    per_frame = kept.grid_thw[1] * kept.grid_thw[2]
+    cell, frame_of = kept_cells(kept), kept.frame_index.cpu()
+    reps = torch.full((facts.shape[0], frames), -1, dtype=torch.long)
+    for object_id in range(facts.shape[0]):
+        covers = ((present >> object_id) & 1) != 0
+        for frame in torch.nonzero(facts[object_id, FACT_COUNT + frames:FACT_COUNT + 2 * frames] >= 0)[:, 0].tolist():
+            centre = frame * per_frame + int(facts[object_id, FACT_COUNT + frames + frame])
+            hits = torch.nonzero(cell == centre)[:, 0]
+            if len(hits) == 0:
+                hits = torch.nonzero(covers & (frame_of == frame))[:, 0]
+            if len(hits):
+                reps[object_id, frame] = hits[0]
+    return reps
+
+
+def identity_targets(facts: torch.Tensor, kept: VisualTokens, present: torch.Tensor) -> torch.Tensor:
+    """[len(kept), 1 + len(kept)] bool: what the identity head (IDENTITY_HEAD) of each kept token
+    that stands for an object (`object_reps`) is taught to attend to. Column 0 is the sink:
+    the token is the first to stand for one of its objects. Otherwise columns 1 + j, the
+    earlier kept tokens j that stand for its objects: it has been seen before. Rows of
+    tokens that stand for no object are all False (not taught)."""
+    reps = object_reps(facts, kept, present)
+    targets = torch.zeros(len(kept), 1 + len(kept), dtype=torch.bool)
+    for token in torch.unique(reps[reps >= 0]).tolist():
+        objects, frames = torch.nonzero(reps == token, as_tuple=True)
+        earlier = [reps[o, :f][reps[o, :f] >= 0] for o, f in zip(objects.tolist(), frames.tolist())]
+        if any(len(seen) == 0 for seen in earlier):
+            targets[token, 0] = True
+        else:
+            targets[token, 1 + torch.cat(earlier)] = True
+    return targets
+
+
 def order_is_kept(question: sw.Question, kept: VisualTokens, present: torch.Tensor) -> bool:
     """Whether the kept tokens show a temporal-order question's answer: every option is in
     view, and its first frame in view (its last, for "disappears") puts the winner strictly
@@ -516,7 +556,7 @@ def encode_pool_cached(model: VLM, split: str, first_index: int, clips: int, poo
 
 def packed_from_pool(model: VLM, pool: ClipPool, index: int, spec: CompressorSpec, seed: int,
                      frames: int | None = None, *, every_question: bool = False,
-                     whole_only_types: frozenset = frozenset()) -> PackedClip | None:
+                     whole_only_types: frozenset = frozenset(), identity: bool = False) -> PackedClip | None:
     """Clip `index` of the pool through the projector and compressor `spec`, its questions packed.
 
     With `frames` (the QA curriculum, see CURRICULUM), only that many random frames of the clip
@@ -525,7 +565,8 @@ def packed_from_pool(model: VLM, pool: ClipPool, index: int, spec: CompressorSpe
     question is asked only where the kept tokens show its dot (it flashes for 2-3 frames, so a
     question without it would teach a guess), and a temporal-order question only where they
     show its order (`order_is_kept`), unless `every_question` (evaluation). Questions of
-    `whole_only_types` are asked only if every token was kept. None when no question is left."""
+    `whole_only_types` are asked only if every token was kept. `identity`: the clip's
+    `identity_targets` too. None when no question is left."""
     tokens = pool_tokens(model, pool, index)
     questions = pool.questions[index]
     cut = frames is not None and frames < tokens.num_frames
@@ -555,6 +596,8 @@ def packed_from_pool(model: VLM, pool: ClipPool, index: int, spec: CompressorSpe
     if pool.facts is not None:
         clip.readout_targets = [readout_targets(pool.facts[index], q, kept) for q in questions]
         clip.count_targets = [count_targets(pool.facts[index], q, kept, present) for q in questions]
+        if identity:
+            clip.identity_targets = identity_targets(pool.facts[index], kept, present)
     return clip
 
 
@@ -625,12 +668,13 @@ def train_robust(model: VLM, config: TrainConfig, report: Callable[[str], None],
                  pools: tuple[ClipPool, ClipPool], checkpoint: Callable[[int], None] | None = None) -> None:
     """Stage 3: `config.robust_steps` more QA steps on whole clips, at a lower peak learning rate
     with a fresh optimizer, drawing ROBUST_AUGMENTATIONS, and ROBUST_WHOLE_ONLY_TYPES only where
-    every token is kept. It starts only from stage 2's weights and seeds its own draws, so it
+    every token is kept, teaching the identity head which earlier kept tokens show the same
+    object (`identity_targets`, at `config.identity_weight`). It starts only from stage 2's weights and seeds its own draws, so it
     continues a run in memory or a saved model (`--qa-from`) the same way."""
     train, val = pools
     qa_loop(model, config, train, val, stage="robust", steps=config.robust_steps, lr=config.robust_lr,
             augmentations=ROBUST_AUGMENTATIONS, rng=random.Random(f"robust/{config.seed}"), curriculum=(),
-            whole_only_types=ROBUST_WHOLE_ONLY_TYPES,
+            whole_only_types=ROBUST_WHOLE_ONLY_TYPES, identity_weight=config.identity_weight,
             extra_eval=ROBUST_EVAL_SPEC, report=report, checkpoint=checkpoint)
 
 
@@ -648,6 +692,7 @@ def encode_pools(model: VLM, config: TrainConfig, report: Callable[[str], None],
 def qa_loop(model: VLM, config: TrainConfig, train: ClipPool, val: ClipPool, *, stage: str, steps: int, lr: float,
             augmentations: tuple, rng: random.Random, curriculum: tuple, report: Callable[[str], None],
             checkpoint: Callable[[int], None] | None = None, whole_only_types: frozenset = frozenset(),
+            identity_weight: float = 0.0,
             extra_eval: str | None = None) -> None:
     """`steps` AdamW steps (warm-up, cosine to 5% of `lr`) on packed clips of `train`, each
     through a compressor drawn from `augmentations`; validation on `val` every
@@ -668,7 +713,7 @@ def qa_loop(model: VLM, config: TrainConfig, train: ClipPool, val: ClipPool, *, 
         chosen, order = order[:config.qa_clips_per_step], order[config.qa_clips_per_step:]
         frames = frames_at(curriculum, step)
         packed = [packed_from_pool(model, train, i, rng.choices(specs, weights)[0], rng.randrange(1 << 30), frames,
-                                   whole_only_types=whole_only_types)
+                                   whole_only_types=whole_only_types, identity=identity_weight > 0)
                   for i in chosen]
         packed = [clip for clip in packed if clip is not None]
         seen += sum(len(clip.first_answer_at) for clip in packed)
@@ -676,7 +721,7 @@ def qa_loop(model: VLM, config: TrainConfig, train: ClipPool, val: ClipPool, *, 
         loss, accuracy = packed_answer_loss(model, packed, binding=config.binding, look_weight=config.look_weight,
                                             query_weight=config.query_weight, readout=readout,
                                             readout_weight=config.readout_weight, count_weight=config.count_weight,
-                                            parts=parts)
+                                            identity_weight=identity_weight, parts=parts)
         optimizer_step(optimizer, params, loss, lr, step / steps)
         if step % 25 == 0:
             epoch = step * config.qa_clips_per_step / len(train)
@@ -749,6 +794,7 @@ class PackedClip:
     naming_targets: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     readout_targets: list[torch.Tensor | None] = field(default_factory=list)  # per question: see `readout_targets`
     count_targets: list[torch.Tensor | None] = field(default_factory=list)  # per question: see `count_targets`
+    identity_targets: torch.Tensor | None = None  # [visual, 1 + visual] bool: see `identity_targets`
 
 
 def pack_clip(model: VLM, kept: VisualTokens, span_length: int, questions: list[str],
@@ -786,7 +832,7 @@ def naming_token_ids(tokenizer) -> torch.Tensor:
 
 def packed_logits(model: VLM, clips: list[PackedClip], capture: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits [B, L, V] and labels [B, L] of a padded batch of packed clips. With `capture`,
-    the inputs of the attention of layers QUERY_LAYER and BINDING_LAYER (normed hidden
+    the inputs of the attention of layers QUERY_LAYER, BINDING_LAYER and IDENTITY_LAYER (normed hidden
     states, rotary cos and sin) are stored in it, `capture[layer] = (hidden, (cos, sin))`,
     for `binding_loss`."""
     longest = max(len(c.embeds) for c in clips)
@@ -811,7 +857,7 @@ def packed_logits(model: VLM, clips: list[PackedClip], capture: dict | None = No
                 hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
                 capture[layer] = (hidden, kwargs["position_embeddings"] if "position_embeddings" in kwargs else args[1])
             return keep_inputs
-        for layer in {QUERY_LAYER, BINDING_LAYER}:
+        for layer in {QUERY_LAYER, BINDING_LAYER, IDENTITY_LAYER}:
             handles.append(model.lm.model.layers[layer].self_attn.register_forward_pre_hook(keeper(layer),
                                                                                             with_kwargs=True))
     try:
@@ -867,6 +913,16 @@ def packed_logits(model: VLM, clips: list[PackedClip], capture: dict | None = No
 #   target) in the frame the question names, else in its first frame (a token holding two
 #   centres twice the weight); the readout also names the count from the head's output.
 #
+# - IDENTITY_HEAD of IDENTITY_LAYER (stage 3): the count head must find one token per object,
+#   and with every token kept the tower's `appears` mark says which (the object's token in its
+#   first frame). A compressor drops that token as often as any other; what is left is the
+#   same object in several frames, and run R over-counted it (at 25% kept, 16 of the 21 wrong
+#   counts where every counted object kept a token were too high). So at each kept token that
+#   stands for an object in its frame (`object_reps`), this head is taught to attend to the
+#   earlier kept tokens of the same object, or to the sink where there are none
+#   (`identity_targets`): the layer above then reads "first seen" from a head's output, as
+#   the count head needs. Objects differ in colour, shape or size, so the head can match them.
+#
 # The heads' weights and everything below them learn; at inference nothing changes (the
 # readout is a training-only head, not saved).
 
@@ -875,6 +931,7 @@ BINDING_WEIGHT = 4.0  # the object head; the look heads' weight is TrainConfig.l
 OBJECT_HEAD, FIRST_LOOK_HEAD, LAST_LOOK_HEAD = 0, 2, 3  # query heads; 2 and 3 share a KV head
 COUNT_HEAD = FIRST_LOOK_HEAD  # its own keys and values (not the object head's); so the look heads or it
 QUERY_LAYER, QUERY_HEAD = 0, 0  # the naming head; its weight is TrainConfig.query_weight
+IDENTITY_LAYER, IDENTITY_HEAD = 0, 2  # stage 3's identity head: its own KV head (the naming head's is 0)
 
 
 def binding_attention(model: VLM) -> nn.Module:
@@ -902,7 +959,7 @@ class ObjectReadout(nn.Module):
 
 def binding_loss(model: VLM, clips: list[PackedClip], capture: dict, looks: bool = True,
                  query: bool = False, readout: ObjectReadout | None = None,
-                 count: bool = False) -> dict[str, torch.Tensor]:
+                 count: bool = False, identity: bool = False) -> dict[str, torch.Tensor]:
     """{"object": ..., "look": ..., "query": ..., "readout": ...}: the mean over (question,
     supervised head) pairs with targets of -log(attention mass of the head on the target
     tokens). The object and look heads' softmax is taken over the clip's visual tokens, the
@@ -911,11 +968,13 @@ def binding_loss(model: VLM, clips: list[PackedClip], capture: dict, looks: bool
     for the questions with `readout_targets`. With `count`, "count": the count head's
     cross-entropy to the uniform distribution over the sink and `count_targets` (its softmax
     over the sink and the visual tokens), and with `readout` too, "count_readout": the
-    readout's cross-entropy naming the count from that head's output. A kind without
+    readout's cross-entropy naming the count from that head's output. With `identity`,
+    "identity": per kept token with `identity_targets`, -log(mass of the identity head on its
+    targets), its softmax over the sink and the visual tokens up to itself. A kind without
     targets in the batch (or "look" without `looks`, "query" without `query`) is left out."""
     attention = binding_attention(model)
     hidden, (cos, sin) = capture[BINDING_LAYER]  # [B, L, D], [B, L, hd] each
-    losses: dict[str, list[torch.Tensor]] = {"object": [], "look": [], "query": [], "count": []}
+    losses: dict[str, list[torch.Tensor]] = {"object": [], "look": [], "query": [], "count": [], "identity": []}
     outputs, facts, count_outputs, counts = [], [], [], []
     for row, clip in enumerate(clips):
         start, end = clip.visual_span
@@ -955,6 +1014,22 @@ def binding_loss(model: VLM, clips: list[PackedClip], capture: dict, looks: bool
                 values = head_values(attention, COUNT_HEAD, hidden[row, keys])
                 count_outputs.append(scores.softmax(-1) @ values)
                 counts.append(on.sum(-1).long())
+    if identity:
+        own = model.lm.model.layers[IDENTITY_LAYER].self_attn
+        hidden, (cos, sin) = capture[IDENTITY_LAYER]
+        for row, clip in enumerate(clips):
+            start, end = clip.visual_span
+            if clip.identity_targets is None or start == 0:
+                continue
+            taught = torch.nonzero(clip.identity_targets.any(-1))[:, 0]
+            if len(taught) == 0:
+                continue
+            scores = head_scores(own, IDENTITY_HEAD, hidden[row], cos[row], sin[row],
+                                 (start + taught).to(hidden.device), slice(start - 1, end))  # [Q, 1 + V]
+            causal = torch.arange(1 + end - start)[None, :] <= taught[:, None] + 1  # the sink, tokens up to itself
+            scores = scores.masked_fill(~causal.to(hidden.device), float("-inf"))
+            on = clip.identity_targets[taught].to(hidden.device)
+            losses["identity"].append(scores.logsumexp(-1) - scores.masked_fill(~on, float("-inf")).logsumexp(-1))
     if query:
         naming = model.lm.model.layers[QUERY_LAYER].self_attn
         hidden, (cos, sin) = capture[QUERY_LAYER]
@@ -1039,13 +1114,14 @@ def look_masks(kept: VisualTokens, owners: torch.Tensor,
 
 def packed_answer_loss(model: VLM, clips: list[PackedClip], binding: bool = False, look_weight: float = 0.0,
                        query_weight: float = 0.0, readout: ObjectReadout | None = None, readout_weight: float = 0.0,
-                       count_weight: float = 0.0, parts: dict | None = None) -> tuple[torch.Tensor, float]:
+                       count_weight: float = 0.0, identity_weight: float = 0.0,
+                       parts: dict | None = None) -> tuple[torch.Tensor, float]:
     """Cross-entropy over every answer token of a batch of packed clips (same mean as
     `answer_loss`), plus, when `binding`, the object head's term (BINDING_WEIGHT) and, when
     `look_weight` / `query_weight` > 0, the look heads' / the naming head's term at that
-    weight, `readout`'s at `readout_weight` and the count head's at `count_weight` (its
-    readout at `readout_weight`). `parts`, if given, receives each term's value (nats,
-    unweighted)."""
+    weight, `readout`'s at `readout_weight`, the count head's at `count_weight` (its readout
+    at `readout_weight`) and the identity head's at `identity_weight`. `parts`, if given,
+    receives each term's value (nats, unweighted)."""
     if look_weight > 0 and count_weight > 0:
         raise ValueError("the look heads and the count head are the same heads of BINDING_LAYER: weight one of them")
     capture = {} if binding else None
@@ -1055,9 +1131,10 @@ def packed_answer_loss(model: VLM, clips: list[PackedClip], binding: bool = Fals
         parts["answer"] = loss.item()
     if binding:
         weights = {"object": BINDING_WEIGHT, "look": look_weight, "query": query_weight, "readout": readout_weight,
-                   "count": count_weight, "count_readout": readout_weight}
+                   "count": count_weight, "count_readout": readout_weight, "identity": identity_weight}
         terms = binding_loss(model, clips, capture, looks=look_weight > 0, query=query_weight > 0,
-                             readout=readout if readout_weight > 0 else None, count=count_weight > 0)
+                             readout=readout if readout_weight > 0 else None, count=count_weight > 0,
+                             identity=identity_weight > 0)
         for kind, extra in terms.items():
             loss = loss + weights[kind] * extra
             if parts is not None:

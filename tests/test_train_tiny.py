@@ -623,12 +623,12 @@ def test_train_flags_become_the_config_a_checkpoint_records():
                                                                                              "runs/pools")
     assert config.readout_weight == 0.0 and TrainConfig().readout_weight > 0
     stage3 = train_config(parser.parse_args(["train", "tiny", "--out", "x", "--qa-from", "runs/r", "--robust-steps",
-                                             "10", "--robust-lr", "2e-4"]))
-    assert (stage3.qa_from, stage3.robust_steps, stage3.robust_lr) == ("runs/r", 10, 2e-4)
+                                             "10", "--robust-lr", "2e-4", "--identity-weight", "0"]))
+    assert (stage3.qa_from, stage3.robust_steps, stage3.robust_lr, stage3.identity_weight) == ("runs/r", 10, 2e-4, 0.0)
     assert TrainConfig().robust_lr == 5e-4
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "tiny", "--out", "x", "--robust-lr", "-1"])
-    assert TrainConfig().robust_steps == 0 and TrainConfig().qa_from is None  # the shipped recipe (run R): stages 1-2
+    assert TrainConfig().robust_steps == 0 and TrainConfig().qa_from is None and TrainConfig().identity_weight > 0  # the shipped recipe (run R): stages 1-2
     looks = train_config(parser.parse_args(["train", "tiny", "--out", "x", "--look-weight", "1"]))
     assert looks.look_weight == 1.0 and looks.count_weight == 0.0  # the same heads: the look heads win
     json.dumps(asdict(config))  # saved beside every checkpoint (model.config.notes)
@@ -697,3 +697,86 @@ def test_stage_three_from_a_saved_model_continues_the_run_bit_for_bit(tmp_path):
     assert not all(torch.equal(whole[name], stage2[name]) for name in whole)  # stage 3 trained something
     notes = json.loads((tmp_path / "stage3" / "config.json").read_text())["notes"]
     assert (notes["qa_steps_done"], notes["robust_steps_done"]) == (3, 3)
+
+
+def test_object_reps_and_identity_targets_point_each_object_token_at_its_earlier_tokens():
+    """Stage 3's identity head: at a kept token that stands for an object in its frame (its
+    centre token, else its first kept token there), the sink where no earlier kept token
+    stands for that object, else exactly those earlier tokens."""
+    from eval.train_tiny import FACT_COUNT, encode_pool, identity_targets, kept_cells, object_reps, pool_tokens, token_owners
+
+    model = new_model(0)
+    pool = encode_pool(model, "train", 0, 12)
+    spec = parse_spec("random:ratio=0.25")
+    first_seen = seen_again = moved = 0
+    for index in range(len(pool)):
+        facts, tokens = pool.facts[index], pool_tokens(model, pool, index)
+        # all tokens kept: an object's token in each frame it is present is its centre token
+        reps = object_reps(facts, tokens, token_owners(tokens, pool.owners[index]))
+        centres = facts[:, FACT_COUNT + 16:FACT_COUNT + 32].long()
+        assert torch.equal(reps >= 0, centres >= 0)
+        assert torch.equal(kept_cells(tokens)[reps[reps >= 0]], (torch.arange(16) * 16 + centres)[centres >= 0])
+        kept = spec.compressor.compress(tokens, CompressionContext(budget=spec.budget, seed=index, model=model))
+        present = token_owners(kept, pool.owners[index])
+        reps, targets = object_reps(facts, kept, present), identity_targets(facts, kept, present)
+        assert targets.shape == (len(kept), 1 + len(kept))
+        frame_of = kept.frame_index
+        for object_id in range(reps.shape[0]):
+            stands = reps[object_id][reps[object_id] >= 0]
+            assert (frame_of[stands].diff() > 0).all()  # one token a frame, in frame order
+            for token in stands.tolist():  # each covers the object or holds its centre
+                at_centre = kept_cells(kept)[token] == frame_of[token] * 16 + centres[object_id, frame_of[token]]
+                assert (int(present[token]) >> object_id) & 1 or at_centre
+                moved += not at_centre
+        taught = torch.nonzero(targets.any(-1))[:, 0]
+        assert set(taught.tolist()) == set(reps[reps >= 0].tolist())
+        for token in taught.tolist():
+            objects = torch.nonzero((reps == token).any(-1))[:, 0]
+            earlier = {int(t) for o in objects for t in reps[o] if 0 <= t < token}
+            new = any(not (0 <= reps[o]).logical_and(reps[o] < token).any() for o in objects)
+            if new:
+                assert targets[token].tolist() == [True] + [False] * len(kept)
+                first_seen += 1
+            else:
+                assert set((torch.nonzero(targets[token])[:, 0] - 1).tolist()) == earlier and not targets[token, 0]
+                seen_again += 1
+    assert first_seen > 10 and seen_again > 10 and moved > 5
+
+
+def test_identity_head_adds_its_term_and_trains_only_its_own_head():
+    from eval.train_tiny import IDENTITY_HEAD, IDENTITY_LAYER, binding_loss, head_scores, packed_logits
+
+    model = new_model(0)
+    tokens, texts, answers = sample_prompt(model, 2)
+    targets = torch.zeros(len(tokens), 1 + len(tokens), dtype=torch.bool)
+    targets[2, 0] = True  # token 2 seen first: the sink
+    targets[20, [1 + 2, 1 + 5]] = True  # token 20 seen before, as tokens 2 and 5
+    clip = pack_clip(model, tokens, tokens.span_length, texts, answers)
+    clip.identity_targets = targets
+    with torch.no_grad():
+        parts: dict = {}
+        plain, _ = packed_answer_loss(model, [clip], binding=True)
+        weighted, _ = packed_answer_loss(model, [clip], binding=True, identity_weight=0.5, parts=parts)
+        capture = {}
+        packed_logits(model, [clip], capture)
+        assert "identity" not in binding_loss(model, [clip], capture)
+        term = binding_loss(model, [clip], capture, identity=True)["identity"]
+        # by hand: the head's softmax over the sink and the visual tokens up to the query itself
+        hidden, (cos, sin) = capture[IDENTITY_LAYER]
+        start, _ = clip.visual_span
+        expected = []
+        for token, on in ((2, [0]), (20, [3, 6])):
+            scores = head_scores(model.lm.model.layers[IDENTITY_LAYER].self_attn, IDENTITY_HEAD, hidden[0], cos[0],
+                                 sin[0], torch.tensor([start + token]), slice(start - 1, start + token + 1))[0]
+            expected.append(-torch.log(scores.softmax(-1)[on].sum()))
+    torch.testing.assert_close(term, torch.stack(expected).mean())
+    torch.testing.assert_close(weighted - plain, 0.5 * term)
+    assert set(parts) == {"answer", "identity"}
+    # its gradient reaches that head's query rows (and its KV head), no other query head's
+    capture = {}
+    packed_logits(model, [clip], capture)
+    binding_loss(model, [clip], capture, identity=True)["identity"].backward()
+    attention = model.lm.model.layers[IDENTITY_LAYER].self_attn
+    rows = attention.q_proj.weight.grad.abs().sum(-1).view(-1, attention.head_dim).sum(-1)
+    assert rows[IDENTITY_HEAD] > 0 and (rows[torch.arange(len(rows)) != IDENTITY_HEAD] == 0).all()
+
