@@ -43,6 +43,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 from collections.abc import Iterator, Sequence
@@ -108,7 +109,7 @@ _SEEN_FRACTION = 0.5
 # Bumped whenever the same seed may draw a different scene or question: caches of rendered or
 # encoded clips (eval.train_tiny.encode_pool_cached) key on it. 2: flashing dots, brief objects.
 # 3: counts over the whole clip only (the scenes are v2's; the questions after a count differ).
-# 4: v3's counts, with v2's draws kept (`_draw_v2_moment`), so only the counting questions differ from v2.
+# 4: v3's counts, with v2's draws kept (`_draw_moment`), so only the counting questions differ from v2.
 GENERATOR_VERSION = 4
 # A dot flashes for 2-3 consecutive frames and a brief object lives 2-3 frames, so keeping one
 # frame in four (`uniform:every=4`) misses a third of them: the answer lives in one moment.
@@ -476,13 +477,15 @@ class Question:
     frame_index: int | None = None  # the one frame the answer lives in, when there is one
 
 
-def make_questions(scene: Scene, rng: np.random.Generator) -> list[Question]:
+def make_questions(scene: Scene, rng: np.random.Generator, *, moment_counts: bool = False) -> list[Question]:
     """At most one question of each type, in QUESTION_TYPES order; a type the scene cannot
     support unambiguously is skipped. In compositional scenes every question is about the
-    focus object (counting and temporal order include it)."""
+    focus object (counting and temporal order include it). `moment_counts`: about half the
+    counts ask about the first or last frame, as in v2 (see `_ask_counting`); the same draws
+    either way, so only those counts differ."""
     askers = (
         _ask_attribute,
-        _ask_counting,
+        functools.partial(_ask_counting, moment_counts=moment_counts),
         _ask_motion,
         _ask_temporal_order,
         _ask_position,
@@ -582,13 +585,15 @@ def _ask_attribute(scene: Scene, rng: np.random.Generator) -> Question | None:
     return _ask_about(scene, rng, obj, naming, asked, "attribute")
 
 
-def _ask_counting(scene: Scene, rng: np.random.Generator) -> Question | None:
+def _ask_counting(scene: Scene, rng: np.random.Generator, moment_counts: bool = False) -> Question | None:
     """"How many red objects appear in the video?": a count over the whole clip.
 
-    Never a count at one moment ("... at the end?", v2): the answer of a count is spread over
-    every frame its objects live in, so dropping tokens at random leaves it in view (issue 3
-    asks counting to survive `random`), while the questions whose answer lives in one moment
-    are position, fine detail and temporal order."""
+    The benchmark never counts at one moment ("... at the end?", v2): the answer of a count is
+    spread over every frame its objects live in, so dropping tokens at random leaves it in view
+    (issue 3 asks counting to survive `random`), while the questions whose answer lives in one
+    moment are position, fine detail and temporal order. With `moment_counts` (training only:
+    eval.train_tiny's stage 2, where counting within one frame is more to learn from), the
+    moment v2 drew is asked about, so these are v2's questions."""
     targets = _targets(scene)
     # Counting everything and preferring shared colours / shapes keeps "one" from dominating.
     filter_kinds = ["all", "all", "colour", "shape"] if scene.focus_object_id is None else ["colour", "shape"]
@@ -598,34 +603,41 @@ def _ask_counting(scene: Scene, rng: np.random.Generator) -> Question | None:
         values = sorted({getattr(o, kind) for o in targets})
         shared = [v for v in values if len(_matching(scene, {kind: v})) >= 2]
         attributes = {kind: _choose(rng, shared if shared and rng.random() < 0.6 else values)}
-    _draw_v2_moment(scene, rng)
-    counted = _matching(scene, attributes)
+    moment = _draw_moment(scene, rng)  # drawn either way, to keep the questions after it v2's
+    if not moment_counts:
+        moment = None
+    counted = [o for o in _matching(scene, attributes) if moment is None or scene.present[o.object_id, moment]]
     if "shape" in attributes:
         noun = SHAPE_PLURALS[attributes["shape"]]
     else:
         noun = " ".join([*attributes.values(), "objects"])
+    if moment is None:
+        text = f"How many {noun} appear in the video?"
+    else:
+        text = f"How many {noun} are there at the {'start' if moment == 0 else 'end'}?"
     answer = NUMBER_WORDS[len(counted)]
     return Question(
-        text=f"How many {noun} appear in the video?",
+        text=text,
         candidates=_candidates(rng, answer, [], NUMBER_WORDS[1:]),
         answer=answer,
         type="counting",
         object_ids=tuple(o.object_id for o in counted),
+        frame_index=moment,
     )
 
 
-def _draw_v2_moment(scene: Scene, rng: np.random.Generator) -> None:
-    """Make, and throw away, the draws by which v2 chose a count's moment (start, end or the
-    whole clip). The questions after a count share its random stream, so without them every
-    later question would be redrawn (v3 did): with them, v4's scenes and every question but
-    the counts are v2's, and a model's score moves only with what v4 changed."""
+def _draw_moment(scene: Scene, rng: np.random.Generator) -> int | None:
+    """The moment v2 counted at: the first or last frame (if nothing present then is mostly
+    hidden), or None (the whole clip). Drawn for every count, asked only with
+    `moment_counts`: the questions after a count share its random stream, so without these
+    draws every later question would be redrawn (v3 did); with them, v4's scenes and every
+    question but the counts are v2's, and a model's score moves only with what v4 changed."""
     last_index = scene.config.frame_count - 1
     moments = [frame for frame in (0, last_index)
                if (scene.visible_fraction[scene.present[:, frame], frame] >= _SEEN_FRACTION).all()]
     if scene.focus_object_id is not None:
         moments = [m for m in moments if scene.present[scene.focus_object_id, m]]
-    if moments and rng.random() < 0.5:
-        _choose(rng, moments)
+    return _choose(rng, moments) if moments and rng.random() < 0.5 else None
 
 
 def _ask_motion(scene: Scene, rng: np.random.Generator) -> Question | None:
@@ -833,16 +845,17 @@ def clip_seed(split: str, index: int) -> int:
 
 
 def scene_and_questions(
-    split: str, index: int, config: ShapesWorldConfig = DEFAULT_CONFIG
+    split: str, index: int, config: ShapesWorldConfig = DEFAULT_CONFIG, *, moment_counts: bool = False
 ) -> tuple[Scene, list[Question]]:
-    """Clip `index` of `split`: its scene and all its questions, a pure function of the two.
+    """Clip `index` of `split`: its scene and all its questions, a pure function of the two
+    (and of `moment_counts`, see `make_questions`: for training).
 
     The "samples" split (the clips bundled in eval/samples/) only keeps scenes with exactly one
     circle and one square, and puts first the two questions `make run` asks of them."""
     rng = np.random.default_rng(clip_seed(split, index))
     scene = make_scene(rng, config, compositional=split == "compositional")
     if split != "samples":
-        return scene, make_questions(scene, rng)
+        return scene, make_questions(scene, rng, moment_counts=moment_counts)
     while len(_matching(scene, {"shape": "circle"})) != 1 or len(_matching(scene, {"shape": "square"})) != 1:
         scene = make_scene(rng, config)
     fixed = [

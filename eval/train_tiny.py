@@ -32,7 +32,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +101,9 @@ class TrainConfig:
     curriculum: tuple = CURRICULUM  # (steps, frames) before whole clips; counted in qa_steps
     robust_steps: int = 0  # stage 3 (train_robust), off in the shipped recipe (run R); run V used 1500
     robust_lr: float = 5e-4
+    # Stage 2's training clips also count at the start or end (ShapesWorld v2's counts), as the
+    # shipped run R was taught; the benchmark and stage 3 ask whole-clip counts only.
+    moment_counts: bool = True
     identity_weight: float = 1.0  # stage 3: on the identity head (IDENTITY_HEAD, `identity_targets`); 0: off
     seed: int = 0
     eval_every: int = 500  # QA steps between validation passes (and checkpoints)
@@ -399,7 +402,8 @@ def count_targets(facts: torch.Tensor, question: sw.Question, kept: VisualTokens
                   present: torch.Tensor | None = None) -> torch.Tensor | None:
     """[len(kept)] float for a counting question: per kept token, how many counted objects it
     stands for; it sums to the count. An object's token is the one holding its centre in the
-    first frame it is present in (where the tower marks it new). Where a compressor dropped that
+    frame the question names (a count at the start or end: stage 2's `moment_counts`), else in
+    the first frame it is present in (where the tower marks it new). Where a compressor dropped that
     token, and `present` (`token_owners` of `kept`) is given, it is the object's first kept token
     in that frame, else the same in its next frames: a model that only counts whole clips breaks
     under random dropping (13 points lost at 50% kept, run Q). Two centres can share a 32 px
@@ -413,10 +417,11 @@ def count_targets(facts: torch.Tensor, question: sw.Question, kept: VisualTokens
     weights = torch.zeros(len(kept))
     for object_id in question.object_ids:
         centres = facts[object_id, FACT_COUNT + frames:FACT_COUNT + 2 * frames]
+        shown = torch.nonzero(centres >= 0)[:, 0].tolist() if question.frame_index is None else [question.frame_index]
         token = None
-        for frame in torch.nonzero(centres >= 0)[:, 0].tolist():
-            centre = int(centres[frame])
-            hits = torch.nonzero(cell == frame * per_frame + centre)[:, 0]
+        for frame in shown:
+            centre = int(centres[frame])  # -1 where the object's centre is not its own token then
+            hits = torch.nonzero(cell == frame * per_frame + centre)[:, 0] if centre >= 0 else cell[:0]
             if len(hits) == 0 and present is not None:
                 hits = torch.nonzero((((present >> object_id) & 1) != 0) & (frame_of == frame))[:, 0]
             if len(hits):
@@ -487,9 +492,11 @@ def order_is_kept(question: sw.Question, kept: VisualTokens, present: torch.Tens
     return all(winner < other if earliest_wins else winner > other for other in others)
 
 
-def render_clip(split: str, index: int, block_px: int) -> tuple[np.ndarray, list[sw.Question], np.ndarray]:
-    """Frames, questions, and which objects cover at least 16 px of each block_px square."""
-    scene, questions = sw.scene_and_questions(split, index)
+def render_clip(split: str, index: int, block_px: int,
+                moment_counts: bool = False) -> tuple[np.ndarray, list[sw.Question], np.ndarray]:
+    """Frames, questions (`moment_counts`: see `sw.make_questions`), and which objects cover at
+    least 16 px of each block_px square."""
+    scene, questions = sw.scene_and_questions(split, index, moment_counts=moment_counts)
     frames, object_ids = sw.render_with_labels(scene)
     t, size, _ = object_ids.shape
     blocks = object_ids.reshape(t, size // block_px, block_px, size // block_px, block_px)
@@ -501,10 +508,11 @@ def render_clip(split: str, index: int, block_px: int) -> tuple[np.ndarray, list
 
 
 @torch.no_grad()
-def encode_pool(model: VLM, split: str, first_index: int, clips: int, pool=None, chunk: int = 32) -> ClipPool:
+def encode_pool(model: VLM, split: str, first_index: int, clips: int, pool=None, chunk: int = 32,
+                moment_counts: bool = False) -> ClipPool:
     features, questions, owners, pending = None, [], [], []
     block_px = model.encoder.patch_size * model.projector.merge
-    jobs = ((split, first_index + i, block_px) for i in range(clips))
+    jobs = ((split, first_index + i, block_px, moment_counts) for i in range(clips))
     for done, (frames, clip_questions, clip_owners) in enumerate(prefetch(pool, render_clip, jobs), start=1):
         pending.append(frames)
         questions.append(clip_questions)
@@ -528,25 +536,27 @@ def pool_facts(split: str, first_index: int, clips: int, block_px: int) -> torch
 
 
 def encode_pool_cached(model: VLM, split: str, first_index: int, clips: int, pool=None,
-                       cache: str | Path | None = None) -> ClipPool:
+                       cache: str | Path | None = None, moment_counts: bool = False) -> ClipPool:
     """`encode_pool`, kept in folder `cache` (if given) under a name made of the tower's weights,
-    the projector's merge, the clips (split, first index, count) and ShapesWorld's generator
-    version: the next run on the same tower loads it instead of
-    rendering and encoding again (12,000 clips: ~5 minutes on 2 cores, ~2.4 GB on disk)."""
+    the projector's merge, the clips (split, first index, count), ShapesWorld's generator
+    version and `moment_counts`: the next run on the same tower loads it instead of
+    rendering and encoding again (12,000 clips: ~5-11 minutes on 2 cores, ~2.4 GB on disk)."""
     if cache is None:
-        return encode_pool(model, split, first_index, clips, pool)
+        return encode_pool(model, split, first_index, clips, pool, moment_counts=moment_counts)
     digest = hashlib.sha256()
     for name, value in sorted(model.encoder.state_dict().items()):
         digest.update(name.encode())
         digest.update(value.detach().cpu().float().numpy().tobytes())
     digest.update(f"{split}/{first_index}/{clips}/{model.projector.merge}/{sw.GENERATOR_VERSION}".encode())
+    if moment_counts:
+        digest.update(b"/moment-counts")
     path = Path(cache) / f"pool-{split}-{clips}-{digest.hexdigest()[:16]}.pt"
     if path.exists():
         saved = torch.load(path, weights_only=False)
         return ClipPool(saved["features"].to(model.device), saved["questions"], saved["owners"],
                         pool_facts(split, first_index, clips, model.encoder.patch_size * model.projector.merge))
     # (facts are not kept in the file: pools saved before they existed load too)
-    encoded = encode_pool(model, split, first_index, clips, pool)
+    encoded = encode_pool(model, split, first_index, clips, pool, moment_counts=moment_counts)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
     torch.save({"features": encoded.features.cpu(), "questions": encoded.questions, "owners": encoded.owners}, partial)
@@ -656,11 +666,14 @@ def qa_optimizer(model: VLM, lr: float, weight_decay: float = 0.01,
 
 def train_qa(model: VLM, config: TrainConfig, report: Callable[[str], None], pool=None,
              checkpoint: Callable[[int], None] | None = None) -> tuple[ClipPool, ClipPool]:
-    """Stage 2: projector and LM on the frozen tower; returns the (train, val) pools."""
-    train, val = encode_pools(model, config, report, pool)
+    """Stage 2: projector and LM on the frozen tower; returns the (train, val) pools, the
+    training clips asking whole-clip counts only (what stage 3 is taught)."""
+    train, val = encode_pools(model, config, report, pool, moment_counts=config.moment_counts)
     qa_loop(model, config, train, val, stage="qa", steps=config.qa_steps, lr=config.qa_lr,
             augmentations=AUGMENTATIONS, rng=random.Random(config.seed), curriculum=config.curriculum,
             report=report, checkpoint=checkpoint)
+    if config.moment_counts:
+        train = replace(train, questions=[sw.scene_and_questions("train", QA_FIRST_CLIP + i)[1] for i in range(len(train))])
     return train, val
 
 
@@ -678,12 +691,15 @@ def train_robust(model: VLM, config: TrainConfig, report: Callable[[str], None],
             extra_eval=ROBUST_EVAL_SPEC, report=report, checkpoint=checkpoint)
 
 
-def encode_pools(model: VLM, config: TrainConfig, report: Callable[[str], None], pool=None) -> tuple[ClipPool, ClipPool]:
-    """The QA (train, val) pools through the frozen tower (`encode_pool_cached`)."""
+def encode_pools(model: VLM, config: TrainConfig, report: Callable[[str], None], pool=None,
+                 moment_counts: bool = False) -> tuple[ClipPool, ClipPool]:
+    """The QA (train, val) pools through the frozen tower (`encode_pool_cached`); with
+    `moment_counts` the training clips ask v2's counts at a moment too (validation never)."""
     model.encoder.requires_grad_(False).eval()
     report(f"encoding {config.qa_pool_clips} training clips and {config.eval_clips} validation clips with the frozen tower")
     started = time.monotonic()
-    train = encode_pool_cached(model, "train", QA_FIRST_CLIP, config.qa_pool_clips, pool, config.pool_cache)
+    train = encode_pool_cached(model, "train", QA_FIRST_CLIP, config.qa_pool_clips, pool, config.pool_cache,
+                               moment_counts)
     val = encode_pool_cached(model, "val", 0, config.eval_clips, pool, config.pool_cache)
     report(f"encoded in {time.monotonic() - started:.0f} s")
     return train, val

@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="stage 3: QA steps with heavy token dropping after stage 2 (default 0: off; run V: 1500)")
     tiny.add_argument("--robust-lr", type=nonnegative_float, help="stage 3's peak learning rate (default: the recipe's)")
     tiny.add_argument("--qa-from", help="start from a model folder trained by this recipe's stages 1-2: run stage 3 only")
+    tiny.add_argument("--moment-counts", action=argparse.BooleanOptionalAction, default=None,
+                      help="stage 2's training clips also count at the start or end (default: on; docs/TRAINING.md)")
     tiny.add_argument("--identity-weight", type=float,
                       help="stage 3: weight on the identity head (which earlier kept tokens show the same object; 0: off)")
     tiny.add_argument("--curriculum", type=parse_curriculum,
@@ -258,7 +260,7 @@ def train_config(args: argparse.Namespace):
     chosen = {name: getattr(args, name)
               for name in ("perception_steps", "qa_steps", "qa_pool_clips", "eval_every", "curriculum",
                            "query_weight", "readout_weight", "count_weight", "pool_cache", "place_scale", "time_scale",
-                           "robust_steps", "robust_lr", "identity_weight")}
+                           "robust_steps", "robust_lr", "identity_weight", "moment_counts")}
     if args.look_weight > 0 and chosen["count_weight"] is None:
         chosen["count_weight"] = 0.0  # the look heads are the count head's heads (eval.train_tiny.COUNT_HEAD)
     return TrainConfig(**{name: value for name, value in chosen.items() if value is not None},

@@ -192,6 +192,18 @@ def test_only_the_counts_differ_from_shapesworld_v2():
     assert digest.hexdigest() == "a6d9f3760bc49c6a9ddfc95d78077511b4d8d0bd5dd3f2ac2f0390010e8cc242"
 
 
+def test_moment_counts_are_shapesworld_v2s_questions():
+    """Training's `moment_counts` asks v2's counts at the start or end: then every question of
+    the first 40 training clips is v2's (digest taken with the v2 generator, 2621dc2)."""
+    digest, moments = hashlib.sha256(), 0
+    for index in range(40):
+        for q in scene_and_questions("train", 10_000_000 + index, moment_counts=True)[1]:
+            digest.update(f"{q.text}|{'/'.join(q.candidates)}|{q.answer}|{q.frame_index}\n".encode())
+            moments += q.type == "counting" and q.frame_index is not None
+    assert digest.hexdigest() == "67976f46b59a1211fcad3ed61463622fef8b0c05885d34fac374932abd025f4f"
+    assert moments >= 5
+
+
 def test_different_seeds_give_different_clips():
     frames = [render(scene_and_questions("test", index)[0]) for index in range(5)]
     for i in range(5):

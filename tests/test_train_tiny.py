@@ -97,8 +97,8 @@ def test_count_targets_weigh_one_token_per_counted_object_and_sum_to_the_count()
     from eval.train_tiny import FACT_COUNT, count_targets, encode_pool, kept_cells, pool_tokens, token_owners
 
     model = new_model(0)
-    pool = encode_pool(model, "train", 0, 10)
-    checked, dropped = 0, 0
+    pool = encode_pool(model, "train", 0, 10, moment_counts=True)  # whole-clip counts and v2's at a moment
+    checked, dropped, moments = 0, 0, 0
     for index in range(len(pool)):
         tokens = pool_tokens(model, pool, index)
         for question in pool.questions[index]:
@@ -107,12 +107,14 @@ def test_count_targets_weigh_one_token_per_counted_object_and_sum_to_the_count()
                 assert weights is None
                 continue
             assert weights is not None and int(weights.sum()) == sw.NUMBER_WORDS.index(question.answer)
-            assert question.frame_index is None  # counts are over the whole clip (ShapesWorld v3 on)
-            # each weighted token shows a counted object (owners)
+            # each weighted token shows a counted object (owners), in the named frame if any
             shown = pool.owners[index][tokens.frame_index, tokens.grid_rc[:, 0], tokens.grid_rc[:, 1]].long()
             bits = sum(1 << i for i in question.object_ids)
             on = weights > 0
             assert ((shown[on] & bits) != 0).all()
+            if question.frame_index is not None:
+                assert (tokens.frame_index[on] == question.frame_index).all()
+                moments += 1
             checked += 1
             if on.any():  # without `present`, a compressor that drops one of them leaves the count head untaught
                 kept = tokens.select(~on)
@@ -127,15 +129,17 @@ def test_count_targets_weigh_one_token_per_counted_object_and_sum_to_the_count()
                 facts, cells = pool.facts[index], kept_cells(kept)
                 for object_id in question.object_ids:
                     # its token: where it shows (its centre, or a token it covers) in its earliest
-                    # kept frame
+                    # kept frame, which is the question's frame if it names one
                     centres = facts[object_id, FACT_COUNT + 16:FACT_COUNT + 32].long()
                     centre_at = centres[kept.frame_index]
                     at_centre = (centre_at >= 0) & (cells == kept.frame_index * 16 + centre_at)
                     shows = ((present >> object_id) & 1).bool() | at_centre
+                    if question.frame_index is not None:
+                        shows &= kept.frame_index == question.frame_index
                     first = kept.frame_index[shows].min()
                     assert moved[shows & (kept.frame_index == first)].sum() >= 1
                 dropped += 1
-    assert checked >= 8 and dropped >= 5
+    assert checked >= 8 and dropped >= 5 and moments >= 2
 
 
 def test_temporal_questions_are_taught_only_where_the_kept_tokens_show_the_order():
@@ -623,8 +627,10 @@ def test_train_flags_become_the_config_a_checkpoint_records():
                                                                                              "runs/pools")
     assert config.readout_weight == 0.0 and TrainConfig().readout_weight > 0
     stage3 = train_config(parser.parse_args(["train", "tiny", "--out", "x", "--qa-from", "runs/r", "--robust-steps",
-                                             "10", "--robust-lr", "2e-4", "--identity-weight", "0"]))
+                                             "10", "--robust-lr", "2e-4", "--identity-weight", "0",
+                                             "--no-moment-counts"]))
     assert (stage3.qa_from, stage3.robust_steps, stage3.robust_lr, stage3.identity_weight) == ("runs/r", 10, 2e-4, 0.0)
+    assert not stage3.moment_counts and TrainConfig().moment_counts
     assert TrainConfig().robust_lr == 5e-4
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "tiny", "--out", "x", "--robust-lr", "-1"])
@@ -683,10 +689,14 @@ def test_stage_three_from_a_saved_model_continues_the_run_bit_for_bit(tmp_path):
 
     from safetensors.torch import load_file
 
-    from eval.train_tiny import TrainConfig, train_tiny
+    from eval.train_tiny import QA_FIRST_CLIP, TrainConfig, train_tiny
 
     small = dict(perception_steps=2, perception_clips_per_step=1, qa_pool_clips=6, qa_steps=3, qa_clips_per_step=2,
                  curriculum=(), eval_every=100, eval_clips=2, workers=0, robust_steps=3)
+    # stage 2 counts at a moment on some of these clips too (TrainConfig.moment_counts), stage 3 never
+    assert TrainConfig().moment_counts
+    assert any(q.type == "counting" and q.frame_index is not None for i in range(6)
+               for q in sw.scene_and_questions("train", QA_FIRST_CLIP + i, moment_counts=True)[1])
     train_tiny(tmp_path / "whole", TrainConfig(**small), report=lambda line: None)
     train_tiny(tmp_path / "stage2", TrainConfig(**{**small, "robust_steps": 0}), report=lambda line: None)
     train_tiny(tmp_path / "stage3", TrainConfig(**small, qa_from=str(tmp_path / "stage2")), report=lambda line: None)
