@@ -99,7 +99,7 @@ class TrainConfig:
     readout_weight: float = 1.0  # on ObjectReadout (the object head's output names its object's facts); 0: off
     count_weight: float = 1.0  # on the count head (COUNT_HEAD: the sink and one token per counted object); 0: off
     curriculum: tuple = CURRICULUM  # (steps, frames) before whole clips; counted in qa_steps
-    robust_steps: int = 0  # stage 3 (train_robust), off in the shipped recipe (run R); run V used 1500
+    robust_steps: int = 1500  # stage 3 (train_robust), run AA (docs/TRAINING.md); 0: stages 1-2 only (run R)
     robust_lr: float = 5e-4
     # Stage 2's training clips also count at the start or end (ShapesWorld v2's counts), as the
     # shipped run R was taught; the benchmark and stage 3 ask whole-clip counts only.

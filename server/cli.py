@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--eval-every", type=int, help="QA steps between validation passes and checkpoints")
     tiny.add_argument("--perception-from", help="reuse the tower of a model folder trained by this recipe's stage 1")
     tiny.add_argument("--robust-steps", type=int,
-                      help="stage 3: QA steps with heavy token dropping after stage 2 (default 0: off; run V: 1500)")
+                      help="stage 3: QA steps with heavy token dropping after stage 2 (default 1500, run AA; 0: off)")
     tiny.add_argument("--robust-lr", type=nonnegative_float, help="stage 3's peak learning rate (default: the recipe's)")
     tiny.add_argument("--qa-from", help="start from a model folder trained by this recipe's stages 1-2: run stage 3 only")
     tiny.add_argument("--moment-counts", action=argparse.BooleanOptionalAction, default=None,

@@ -634,7 +634,7 @@ def test_train_flags_become_the_config_a_checkpoint_records():
     assert TrainConfig().robust_lr == 5e-4
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "tiny", "--out", "x", "--robust-lr", "-1"])
-    assert TrainConfig().robust_steps == 0 and TrainConfig().qa_from is None and TrainConfig().identity_weight > 0  # the shipped recipe (run R): stages 1-2
+    assert TrainConfig().robust_steps == 1500 and TrainConfig().qa_from is None and TrainConfig().identity_weight > 0  # the shipped recipe (run AA): stages 1-3
     looks = train_config(parser.parse_args(["train", "tiny", "--out", "x", "--look-weight", "1"]))
     assert looks.look_weight == 1.0 and looks.count_weight == 0.0  # the same heads: the look heads win
     json.dumps(asdict(config))  # saved beside every checkpoint (model.config.notes)
