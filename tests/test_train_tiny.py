@@ -354,21 +354,32 @@ def test_naming_targets_are_the_question_words_that_name_its_objects():
     assert words == [["big", "white"], [], ["circle"]]
 
 
+def weighted_head_term(model, clip, kind: str, weight: float):
+    """A supervised head's term (`binding_loss(..., kind=True)[kind]`, after checking it is left
+    out without the flag), the weighted loss minus the plain one, the parts, and the captured
+    layer inputs; `kind` is "query" or "identity"."""
+    from eval.train_tiny import binding_loss, packed_logits
+
+    with torch.no_grad():
+        parts: dict = {}
+        plain, _ = packed_answer_loss(model, [clip], binding=True)
+        weighted, _ = packed_answer_loss(model, [clip], binding=True, parts=parts, **{f"{kind}_weight": weight})
+        capture = {}
+        packed_logits(model, [clip], capture)
+        assert kind not in binding_loss(model, [clip], capture)
+        term = binding_loss(model, [clip], capture, **{kind: True})[kind]
+    return term, weighted - plain, parts, capture
+
+
 def test_naming_head_adds_its_term_only_when_weighted():
-    from eval.train_tiny import QUERY_HEAD, QUERY_LAYER, binding_loss, head_scores, packed_logits
+    from eval.train_tiny import QUERY_HEAD, QUERY_LAYER, head_scores
 
     model = new_model(0)
     tokens, texts, answers = sample_prompt(model, 2)
     one = [torch.nn.functional.one_hot(torch.tensor(3), len(tokens)).bool()] * 2
+    clip = pack_clip(model, tokens, tokens.span_length, texts, answers, one)
+    query, added, parts, capture = weighted_head_term(model, clip, "query", 2.0)
     with torch.no_grad():
-        clip = pack_clip(model, tokens, tokens.span_length, texts, answers, one)
-        parts: dict = {}
-        plain, _ = packed_answer_loss(model, [clip], binding=True)
-        weighted, _ = packed_answer_loss(model, [clip], binding=True, query_weight=2.0, parts=parts)
-        capture = {}
-        packed_logits(model, [clip], capture)
-        assert "query" not in binding_loss(model, [clip], capture)
-        query = binding_loss(model, [clip], capture, query=True)["query"]
         # by hand: -log of the naming head's softmax mass on the naming words, mean over questions
         hidden, (cos, sin) = capture[QUERY_LAYER]
         expected = []
@@ -379,7 +390,7 @@ def test_naming_head_adds_its_term_only_when_weighted():
                 expected.append(-torch.log(scores.softmax(-1)[on].sum()))
     assert expected, "the sample's questions name their objects"
     torch.testing.assert_close(query, torch.stack(expected).mean())
-    torch.testing.assert_close(weighted - plain, 2.0 * query)
+    torch.testing.assert_close(added, 2.0 * query)
     assert set(parts) == {"answer", "object", "query"} and abs(parts["query"] - float(query)) < 1e-5
 
 
@@ -763,14 +774,8 @@ def test_identity_head_adds_its_term_and_trains_only_its_own_head():
     targets[20, [1 + 2, 1 + 5]] = True  # token 20 seen before, as tokens 2 and 5
     clip = pack_clip(model, tokens, tokens.span_length, texts, answers)
     clip.identity_targets = targets
+    term, added, parts, capture = weighted_head_term(model, clip, "identity", 0.5)
     with torch.no_grad():
-        parts: dict = {}
-        plain, _ = packed_answer_loss(model, [clip], binding=True)
-        weighted, _ = packed_answer_loss(model, [clip], binding=True, identity_weight=0.5, parts=parts)
-        capture = {}
-        packed_logits(model, [clip], capture)
-        assert "identity" not in binding_loss(model, [clip], capture)
-        term = binding_loss(model, [clip], capture, identity=True)["identity"]
         # by hand: the head's softmax over the sink and the visual tokens up to the query itself
         hidden, (cos, sin) = capture[IDENTITY_LAYER]
         start, _ = clip.visual_span
@@ -780,7 +785,7 @@ def test_identity_head_adds_its_term_and_trains_only_its_own_head():
                                  sin[0], torch.tensor([start + token]), slice(start - 1, start + token + 1))[0]
             expected.append(-torch.log(scores.softmax(-1)[on].sum()))
     torch.testing.assert_close(term, torch.stack(expected).mean())
-    torch.testing.assert_close(weighted - plain, 0.5 * term)
+    torch.testing.assert_close(added, 0.5 * term)
     assert set(parts) == {"answer", "identity"}
     # its gradient reaches that head's query rows (and its KV head), no other query head's
     capture = {}
