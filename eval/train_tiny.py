@@ -673,7 +673,8 @@ def train_qa(model: VLM, config: TrainConfig, report: Callable[[str], None], poo
             augmentations=AUGMENTATIONS, rng=random.Random(config.seed), curriculum=config.curriculum,
             report=report, checkpoint=checkpoint)
     if config.moment_counts:
-        train = replace(train, questions=[sw.scene_and_questions("train", QA_FIRST_CLIP + i)[1] for i in range(len(train))])
+        whole_clip = [sw.scene_and_questions("train", QA_FIRST_CLIP + i)[1] for i in range(len(train))]
+        train = replace(train, questions=whole_clip)
     return train, val
 
 
@@ -682,8 +683,9 @@ def train_robust(model: VLM, config: TrainConfig, report: Callable[[str], None],
     """Stage 3: `config.robust_steps` more QA steps on whole clips, at a lower peak learning rate
     with a fresh optimizer, drawing ROBUST_AUGMENTATIONS, and ROBUST_WHOLE_ONLY_TYPES only where
     every token is kept, teaching the identity head which earlier kept tokens show the same
-    object (`identity_targets`, at `config.identity_weight`). It starts only from stage 2's weights and seeds its own draws, so it
-    continues a run in memory or a saved model (`--qa-from`) the same way."""
+    object (`identity_targets`, at `config.identity_weight`). It starts only from stage 2's
+    weights and seeds its own draws, so it continues a run in memory or a saved model
+    (`--qa-from`) the same way."""
     train, val = pools
     qa_loop(model, config, train, val, stage="robust", steps=config.robust_steps, lr=config.robust_lr,
             augmentations=ROBUST_AUGMENTATIONS, rng=random.Random(f"robust/{config.seed}"), curriculum=(),
@@ -708,8 +710,7 @@ def encode_pools(model: VLM, config: TrainConfig, report: Callable[[str], None],
 def qa_loop(model: VLM, config: TrainConfig, train: ClipPool, val: ClipPool, *, stage: str, steps: int, lr: float,
             augmentations: tuple, rng: random.Random, curriculum: tuple, report: Callable[[str], None],
             checkpoint: Callable[[int], None] | None = None, whole_only_types: frozenset = frozenset(),
-            identity_weight: float = 0.0,
-            extra_eval: str | None = None) -> None:
+            identity_weight: float = 0.0, extra_eval: str | None = None) -> None:
     """`steps` AdamW steps (warm-up, cosine to 5% of `lr`) on packed clips of `train`, each
     through a compressor drawn from `augmentations`; validation on `val` every
     `config.eval_every` steps (also under `extra_eval`, a compressor spec, if given)."""
@@ -848,8 +849,8 @@ def naming_token_ids(tokenizer) -> torch.Tensor:
 
 def packed_logits(model: VLM, clips: list[PackedClip], capture: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits [B, L, V] and labels [B, L] of a padded batch of packed clips. With `capture`,
-    the inputs of the attention of layers QUERY_LAYER, BINDING_LAYER and IDENTITY_LAYER (normed hidden
-    states, rotary cos and sin) are stored in it, `capture[layer] = (hidden, (cos, sin))`,
+    the inputs of the attention of layers QUERY_LAYER, BINDING_LAYER and IDENTITY_LAYER (normed
+    hidden states, rotary cos and sin) are stored in it, `capture[layer] = (hidden, (cos, sin))`,
     for `binding_loss`."""
     longest = max(len(c.embeds) for c in clips)
     batch, width = len(clips), clips[0].embeds.shape[1]
