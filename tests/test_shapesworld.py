@@ -182,7 +182,7 @@ def test_same_seed_gives_the_same_scene_frames_and_questions():
 
 
 def test_only_the_counts_differ_from_shapesworld_v2():
-    """v4 changed the counting questions alone (`_draw_v2_moment`): every other question of
+    """v4 changed the counting questions alone (`_draw_moment`): every other question of
     the first 40 test clips is v2's, whose digest was taken with the v2 generator (2621dc2)."""
     digest = hashlib.sha256()
     for index in range(40):
